@@ -1,0 +1,105 @@
+//! beamredir's kernel side: two `cgroup_sock_addr` programs, one small function per hook.
+//!
+//! * `connect4` rewrites connect() to a pod endpoint into the local forward endpoint and
+//!   remembers, per socket cookie, what the application dialled.
+//! * `getpeername4` is its reverse: getpeername() on such a socket reports the pod endpoint,
+//!   so the application cannot tell it was redirected.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::bpf_get_socket_cookie,
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::debug;
+use beamredir_common::{DEFAULT_MAX_REDIRECTS, Ipv4Endpoint, MAX_TRACKED_SOCKETS};
+
+/// sock_addr programs return 1 to let the syscall proceed (0 would fail it with EPERM).
+const PROCEED: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+
+/// Pod endpoint (what the application dials) → local forward endpoint.
+#[map(name = "REDIRECTS")]
+static REDIRECTS: HashMap<Ipv4Endpoint, Ipv4Endpoint> =
+    HashMap::with_max_entries(DEFAULT_MAX_REDIRECTS, 0);
+
+/// Pod endpoint → number of connects redirected (per CPU; userspace sums).
+#[map(name = "REDIRECT_COUNTS")]
+static REDIRECT_COUNTS: PerCpuHashMap<Ipv4Endpoint, u64> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_REDIRECTS, 0);
+
+/// Socket cookie → the pod endpoint the application dialled, for getpeername4.
+/// LRU: entries of closed sockets age out on their own.
+#[map(name = "ORIGINAL_PEERS")]
+static ORIGINAL_PEERS: LruHashMap<u64, Ipv4Endpoint> =
+    LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn beamredir_connect4(ctx: SockAddrContext) -> i32 {
+    redirect_connect(&ctx);
+    PROCEED
+}
+
+#[inline(always)]
+fn redirect_connect(ctx: &SockAddrContext) {
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return;
+    }
+    let dialled = Ipv4Endpoint::from_raw(sa.user_ip4, sa.user_port);
+    // SAFETY: the value is copied out before any other map operation.
+    let Some(forward) = (unsafe { REDIRECTS.get(&dialled) }).copied() else {
+        return;
+    };
+    sa.user_ip4 = forward.addr_be;
+    sa.user_port = forward.port_be as u32;
+
+    // SAFETY: bpf_get_socket_cookie accepts the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    let _ = ORIGINAL_PEERS.insert(&cookie, &dialled, 0);
+    if let Some(count) = REDIRECT_COUNTS.get_ptr_mut(&dialled) {
+        // Per-CPU value, and sock_addr programs run with migration disabled: no atomics needed.
+        unsafe { *count += 1 };
+    }
+    // AYA_LOG_LEVEL is a read-only global the loader sets to "off" unless -v; the verifier
+    // then prunes this branch, so logging costs nothing when it is off.
+    debug!(
+        ctx,
+        "connect4 {:i}:{} -> {:i}:{}",
+        u32::from_be(dialled.addr_be),
+        dialled.port(),
+        u32::from_be(forward.addr_be),
+        forward.port()
+    );
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn beamredir_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx);
+    PROCEED
+}
+
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext) {
+    // SAFETY: as above.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    // SAFETY: copied out immediately.
+    if let Some(dialled) = (unsafe { ORIGINAL_PEERS.get(&cookie) }).copied() {
+        sa.user_ip4 = dialled.addr_be;
+        sa.user_port = dialled.port_be as u32;
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

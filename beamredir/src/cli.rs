@@ -1,0 +1,455 @@
+//! Subcommands and their flags (clap), and the glue from them to the library.
+use std::{
+    io::Write,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use beamredir::{
+    cgroup::Hierarchy,
+    control::{self, Request},
+    doctor,
+    mapping::{self, Mapping},
+    redirect::LoadOptions,
+    runas::{self, Identity},
+    session::{
+        ActiveSession, DEFAULT_SESSION, DEFAULT_STATE_DIR, Scope, ScopeRequest, SessionOptions, SessionRecord,
+        SessionStatus, StateDir,
+    },
+};
+use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "beamredir",
+    version,
+    about = "Reach Erlang/Elixir pods in Kubernetes from a local BEAM node: eBPF connect() redirection to port-forwards, per shell",
+    long_about = None,
+    after_help = "Examples:\n  sudo beamredir map 10.244.0.5:4369=14369 10.244.0.5:5555=15555 -- erl -name debug@127.0.0.1 -hidden\n  sudo beamredir status\n  sudo beamredir doctor"
+)]
+pub struct Cli {
+    /// More logging: -v logs each redirected connect() from the eBPF program, -vv traces.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Where session records and control sockets live.
+    #[arg(long, global = true, env = "BEAMREDIR_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Redirect pod IP:port to local forwards you already run (e.g. kubectl port-forward).
+    #[command(after_help = "Examples:\n  \
+        kubectl port-forward pod/app-0 14369:4369 15555:5555 &\n  \
+        sudo beamredir map 10.244.0.5:4369=14369 10.244.0.5:5555=15555 -- \\\n      \
+        erl -name debug@127.0.0.1 -setcookie secret -hidden -remsh app@10.244.0.5\n\n  \
+        # or keep the session in the foreground and join it from other shells:\n  \
+        sudo beamredir map --session work 10.244.0.5:4369=14369 10.244.0.5:5555=15555\n  \
+        sudo beamredir shell --session work")]
+    Map(MapArgs),
+    /// Run a command inside a running session (as the user who invoked sudo).
+    #[command(after_help = "Example:\n  sudo beamredir exec --session work -- iex --name debug@127.0.0.1 --cookie secret --remsh app@10.244.0.5")]
+    Exec(ExecArgs),
+    /// Start your shell inside a running session (as the user who invoked sudo).
+    #[command(after_help = "Example:\n  sudo beamredir shell --session work")]
+    Shell(SessionArg),
+    /// List sessions, their redirects and how many connects each redirected.
+    #[command(after_help = "Examples:\n  sudo beamredir status\n  sudo beamredir status --json | jq '.[].redirects'")]
+    Status(StatusArgs),
+    /// End a session (or all of them) and clean up what crashed sessions left.
+    #[command(after_help = "Examples:\n  sudo beamredir down --session work\n  sudo beamredir down --all")]
+    Down(DownArgs),
+    /// Check this host can run beamredir, and say what to fix if not.
+    #[command(after_help = "Example:\n  sudo beamredir doctor")]
+    Doctor,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ScopeArgs {
+    /// Session name (also the name of its cgroup, /beamredir/NAME).
+    #[arg(long, short = 's', default_value = DEFAULT_SESSION)]
+    pub session: String,
+    /// Redirect every process on the machine (attach at the root cgroup).
+    #[arg(long, conflicts_with = "cgroup")]
+    pub global: bool,
+    /// Attach to this existing cgroup instead of creating one.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+}
+
+impl ScopeArgs {
+    pub fn request(&self) -> ScopeRequest {
+        match (&self.cgroup, self.global) {
+            (Some(path), _) => ScopeRequest::Existing(path.clone()),
+            (None, true) => ScopeRequest::Global,
+            (None, false) => ScopeRequest::NewCgroup,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MapArgs {
+    /// POD_IP:PORT=LOCAL_PORT (or =LOCAL_IP:LOCAL_PORT): connect() to POD_IP:PORT goes to the local forward.
+    #[arg(required = true, value_name = "POD_IP:PORT=LOCAL_PORT")]
+    pub mappings: Vec<Mapping>,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    /// Command to run in the session; beamredir ends the session when it exits and exits with its code.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SessionArg {
+    /// Session to join (default: the only running one).
+    #[arg(long, short = 's')]
+    pub session: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub session: SessionArg,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print JSON (an array of sessions) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    /// Session to end (default: the only running one).
+    #[arg(long, short = 's', conflicts_with = "all")]
+    pub session: Option<String>,
+    /// End every session.
+    #[arg(long)]
+    pub all: bool,
+}
+
+pub fn init_logging(cli: &Cli) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => log::LevelFilter::Warn,
+        (false, 0) => log::LevelFilter::Info,
+        (false, 1) => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Warn)
+        .filter_module("beamredir", level)
+        .filter_module("beamredir_ebpf", level)
+        .format(|buf, record| writeln!(buf, "beamredir: {}: {}", record.level().as_str().to_lowercase(), record.args()))
+        .init();
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("`beamredir {what}` needs root (eBPF programs and cgroup writes need CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it with sudo");
+    }
+    Ok(())
+}
+
+pub fn run(cli: Cli) -> Result<i32> {
+    let state = StateDir::new(&cli.state_dir);
+    match cli.command {
+        Command::Map(args) => {
+            mapping::check_unique(&args.mappings)?;
+            require_root("map")?;
+            let opts = SessionOptions {
+                name: args.scope.session.clone(),
+                scope: args.scope.request(),
+                mappings: args.mappings,
+                load: LoadOptions { log_rewrites: cli.verbose > 0, ..Default::default() },
+            };
+            run_session(state, opts, args.command)
+        }
+        Command::Exec(args) => {
+            require_root("exec")?;
+            exec_in_session(&state, args.session.session.as_deref(), args.command)
+        }
+        Command::Shell(args) => {
+            require_root("shell")?;
+            let shell = match Identity::invoking_user()? {
+                Some(id) => id.shell,
+                None => Identity::current_shell(),
+            };
+            exec_in_session(&state, args.session.as_deref(), vec![shell])
+        }
+        Command::Status(args) => status(&state, args.json),
+        Command::Down(args) => {
+            require_root("down")?;
+            down(&state, args.session.as_deref(), args.all)
+        }
+        Command::Doctor => {
+            let checks = doctor::run(&state.private_cgroup_mount());
+            let mut failed = 0;
+            for c in &checks {
+                if c.ok {
+                    println!("ok    {:<26} {}", c.name, c.detail);
+                } else {
+                    failed += 1;
+                    println!("FAIL  {:<26} {}\n      fix: {}", c.name, c.detail, c.fix);
+                }
+            }
+            if failed == 0 {
+                println!("beamredir can run here.");
+                Ok(0)
+            } else {
+                println!("{failed} check(s) failed.");
+                Ok(1)
+            }
+        }
+    }
+}
+
+/// Starts a session and keeps it until CMD exits, or (without CMD) until SIGINT/SIGTERM or
+/// `beamredir down`. Everything is torn down when this returns, on every path.
+fn run_session(state: StateDir, opts: SessionOptions, command: Vec<String>) -> Result<i32> {
+    let identity = Identity::invoking_user()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let log_rewrites = opts.load.log_rewrites;
+    let session = ActiveSession::start(state, opts)?;
+    let _guard = runtime.enter();
+    if log_rewrites {
+        start_ebpf_logger(&session);
+    }
+    let session = Arc::new(Mutex::new(session));
+    let result = runtime.block_on(serve_session(session.clone(), command, identity));
+    // Teardown: the control socket stops answering first, then the session drops
+    // (programs detached, cgroup removed, record deleted).
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    drop(session);
+    result
+}
+
+fn start_ebpf_logger(session: &ActiveSession) {
+    let handle = session.redirector();
+    let mut guard = handle.lock().unwrap();
+    let Some(redirector) = guard.as_mut() else { return };
+    match aya_log::EbpfLogger::init(redirector.ebpf_mut()) {
+        Err(e) => log::warn!("eBPF logging unavailable: {e}"),
+        // SAFETY: the logger owns its ring buffer fd and moves into the AsyncFd, which keeps it
+        // open for as long as it is registered.
+        Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Err(e) => log::warn!("eBPF logging unavailable: {}", e.error()),
+            Ok(mut logger) => {
+                tokio::spawn(async move {
+                    loop {
+                        let Ok(mut ready) = logger.readable_mut().await else { break };
+                        ready.get_inner_mut().flush();
+                        ready.clear_ready();
+                    }
+                });
+            }
+        },
+    }
+}
+
+async fn serve_session(session: Arc<Mutex<ActiveSession>>, command: Vec<String>, identity: Option<Identity>) -> Result<i32> {
+    let (name, socket_path, cgroup_join, scope) = {
+        let s = session.lock().unwrap();
+        let record = s.record();
+        let join = match &record.scope {
+            Scope::Global => None,
+            scope => Some(s.hierarchy().open_procs(scope.cgroup())?),
+        };
+        (record.name.clone(), s.state().socket_path(&record.name), join, record.scope.clone())
+    };
+    let (down_tx, mut down_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let handler_session = session.clone();
+    let control = control::serve(
+        &socket_path,
+        Arc::new(move |req| match req {
+            Request::Status => serde_json::to_string(&handler_session.lock().unwrap().status()).expect("serializes"),
+            Request::Down => {
+                let _ = down_tx.send(());
+                r#"{"ok":true}"#.to_string()
+            }
+        }),
+    )
+    .with_context(|| format!("binding control socket {}", socket_path.display()))?;
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+
+    let code = if command.is_empty() {
+        print_join_help(&session.lock().unwrap());
+        tokio::select! {
+            _ = sigint.recv() => log::info!("interrupted; ending session {name}"),
+            _ = sigterm.recv() => log::info!("terminated; ending session {name}"),
+            _ = sighup.recv() => log::info!("hangup; ending session {name}"),
+            _ = down_rx.recv() => log::info!("`beamredir down` asked to end session {name}"),
+        }
+        0
+    } else {
+        let env = vec![("BEAMREDIR_SESSION".to_string(), name.clone())];
+        let cmd = runas::command(&command, cgroup_join, identity.as_ref(), &env)?;
+        let mut child = tokio::process::Command::from(cmd)
+            .spawn()
+            .with_context(|| format!("starting {:?}", command[0]))?;
+        log::info!("session {name}: running {:?} in {}", command[0], describe_scope(&scope));
+        let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+        let forward = |sig: nix::sys::signal::Signal| {
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+        };
+        loop {
+            tokio::select! {
+                status = child.wait() => break runas::exit_code(status?),
+                // Ctrl-C reaches the command through the terminal already; beamredir stays up
+                // until it exits (as sudo does).
+                _ = sigint.recv() => {}
+                _ = sigterm.recv() => forward(nix::sys::signal::Signal::SIGTERM),
+                _ = sighup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
+                _ = down_rx.recv() => forward(nix::sys::signal::Signal::SIGTERM),
+            }
+        }
+    };
+    control.abort();
+    let _ = control.await;
+    Ok(code)
+}
+
+fn describe_scope(scope: &Scope) -> String {
+    match scope {
+        Scope::Session { cgroup } => format!("cgroup {cgroup}"),
+        Scope::Cgroup { cgroup } => format!("existing cgroup {cgroup}"),
+        Scope::Global => "every process (--global)".into(),
+    }
+}
+
+fn print_join_help(session: &ActiveSession) {
+    let record = session.record();
+    let mut out = String::new();
+    out.push_str(&format!("beamredir session {:?} is up (pid {}).\n", record.name, record.pid));
+    for m in &record.redirects {
+        out.push_str(&format!("  redirect  {m}\n"));
+    }
+    match &record.scope {
+        Scope::Global => out.push_str("  scope     every process on this machine (--global)\n"),
+        _ => {
+            out.push_str(&format!("  cgroup    {}\n", session.cgroup_path().display()));
+            out.push_str(&format!("Join it from another terminal:\n  sudo beamredir shell --session {}\n", record.name));
+            out.push_str(&format!("  sudo beamredir exec --session {} -- erl -name debug@127.0.0.1 -hidden -setcookie COOKIE\n", record.name));
+        }
+    }
+    out.push_str("Press Ctrl-C (or run `sudo beamredir down`) to end it.");
+    println!("{out}");
+}
+
+/// Replaces this process with `argv` inside a running session's cgroup, as the invoking user.
+fn exec_in_session(state: &StateDir, name: Option<&str>, argv: Vec<String>) -> Result<i32> {
+    let record = state.find_live(name)?;
+    let hierarchy = Hierarchy::open(&state.private_cgroup_mount())?;
+    let join = match &record.scope {
+        Scope::Global => None,
+        scope => Some(hierarchy.open_procs(scope.cgroup())?),
+    };
+    let identity = Identity::invoking_user()?;
+    let env = vec![("BEAMREDIR_SESSION".to_string(), record.name.clone())];
+    let mut cmd = runas::command(&argv, join, identity.as_ref(), &env)?;
+    let err = cmd.exec();
+    bail!("starting {:?}: {err}", argv[0])
+}
+
+fn session_statuses(state: &StateDir) -> Vec<SessionStatus> {
+    let mount = beamredir::cgroup::find_cgroup2_mount().ok().flatten();
+    let path_of = |r: &SessionRecord| match &mount {
+        Some(m) => m.join(r.scope.cgroup().trim_start_matches('/')).display().to_string(),
+        None => r.scope.cgroup().to_string(),
+    };
+    state
+        .list()
+        .iter()
+        .map(|r| {
+            if !r.is_alive() {
+                return SessionStatus::from_record(r, "stale", path_of(r));
+            }
+            control::query(&state.socket_path(&r.name), Request::Status)
+                .ok()
+                .and_then(|answer| serde_json::from_str::<SessionStatus>(&answer).ok())
+                .unwrap_or_else(|| SessionStatus::from_record(r, "not answering", path_of(r)))
+        })
+        .collect()
+}
+
+fn status(state: &StateDir, json: bool) -> Result<i32> {
+    let statuses = session_statuses(state);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&statuses)?);
+        return Ok(0);
+    }
+    if statuses.is_empty() {
+        println!("No beamredir sessions.");
+        return Ok(0);
+    }
+    for s in &statuses {
+        let scope = match &s.scope {
+            Scope::Global => "global".to_string(),
+            _ => s.cgroup_path.clone(),
+        };
+        println!("{}  {}  pid {}  {}  {} process(es)", s.name, s.state, s.pid, scope, s.processes.len());
+        if s.state == "stale" {
+            println!("  (beamredir died; `sudo beamredir down --session {}` or the next `map` cleans it up)", s.name);
+        }
+        for r in &s.redirects {
+            print!("  {:<21} -> {:<21} connects {}", r.pod.to_string(), r.local.to_string(), r.connects);
+            if let Some(f) = &r.forward {
+                print!(
+                    "  conns {} active / {} total  bytes {} out / {} in  errors {}",
+                    f.active, f.total, f.bytes_to_pod, f.bytes_from_pod, f.errors
+                );
+            }
+            println!();
+        }
+    }
+    Ok(0)
+}
+
+fn down(state: &StateDir, name: Option<&str>, all: bool) -> Result<i32> {
+    let hierarchy = Hierarchy::open(&state.private_cgroup_mount())?;
+    let targets: Vec<SessionRecord> = if all {
+        state.list()
+    } else if let Some(name) = name {
+        beamredir::session::validate_name(name)?;
+        match state.load(name) {
+            Some(r) => vec![r],
+            None => return Err(beamredir::session::SessionError::Unknown(name.into()).into()),
+        }
+    } else {
+        vec![state.find_live(None)?]
+    };
+    for record in targets.iter().filter(|r| r.is_alive()) {
+        if control::query(&state.socket_path(&record.name), Request::Down).is_err() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(record.pid as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while record.is_alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if record.is_alive() {
+            bail!("session {:?} (pid {}) did not end within 10 s; its command may be ignoring SIGTERM", record.name, record.pid);
+        }
+        println!("session {} ended", record.name);
+    }
+    for cleaned in state.clean_stale(&hierarchy) {
+        println!("stale session {cleaned} cleaned up");
+    }
+    Ok(0)
+}

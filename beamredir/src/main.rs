@@ -1,0 +1,16 @@
+//! The `beamredir` command line: errors are reported here, in one line each, with anyhow.
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = <cli::Cli as clap::Parser>::parse();
+    cli::init_logging(&args);
+    match cli::run(args) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("beamredir: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Running commands inside a session's cgroup as the user who invoked `sudo`.
+//!
+//! The child moves itself into the cgroup (writing "0" to an already opened `cgroup.procs`)
+//! and then drops to SUDO_UID/SUDO_GID with that user's groups and HOME, between fork and
+//! exec, so nothing runs as root and nothing runs outside the session.
+use std::{
+    ffi::CString,
+    fs::File,
+    os::{fd::AsFd, unix::process::CommandExt},
+    process::Command,
+};
+
+use nix::unistd::{Gid, Uid, User};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunAsError {
+    #[error("SUDO_UID/SUDO_GID ({0}) are not numbers")]
+    BadSudoIds(String),
+    #[error("looking up user {0}: {1}")]
+    Lookup(String, nix::Error),
+    #[error("no command given: put it after `--`, e.g. `-- erl -name debug@127.0.0.1`")]
+    NoCommand,
+}
+
+/// The identity commands run as.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub uid: Uid,
+    pub gid: Gid,
+    pub groups: Vec<Gid>,
+    pub name: String,
+    pub home: String,
+    pub shell: String,
+}
+
+impl Identity {
+    /// The user who ran `sudo beamredir …` (from SUDO_UID/SUDO_GID), or None when beamredir
+    /// was not started through sudo (commands then run as the current user).
+    pub fn invoking_user() -> Result<Option<Identity>, RunAsError> {
+        let (Ok(uid), Ok(gid)) = (std::env::var("SUDO_UID"), std::env::var("SUDO_GID")) else {
+            return Ok(None);
+        };
+        let bad = || RunAsError::BadSudoIds(format!("{uid}/{gid}"));
+        let uid = Uid::from_raw(uid.parse().map_err(|_| bad())?);
+        let gid = Gid::from_raw(gid.parse().map_err(|_| bad())?);
+        if uid == Uid::current() {
+            return Ok(None);
+        }
+        let user = User::from_uid(uid).map_err(|e| RunAsError::Lookup(uid.to_string(), e))?;
+        let Some(user) = user else {
+            // A uid without a passwd entry: run with just the ids.
+            return Ok(Some(Identity {
+                uid,
+                gid,
+                groups: vec![gid],
+                name: uid.to_string(),
+                home: "/".into(),
+                shell: "/bin/sh".into(),
+            }));
+        };
+        let cname = CString::new(user.name.clone()).expect("user names have no NUL");
+        let groups = nix::unistd::getgrouplist(&cname, gid).map_err(|e| RunAsError::Lookup(user.name.clone(), e))?;
+        Ok(Some(Identity {
+            uid,
+            gid,
+            groups,
+            name: user.name,
+            home: user.dir.display().to_string(),
+            shell: user.shell.display().to_string(),
+        }))
+    }
+
+    /// The current user's login shell, for `beamredir shell` without sudo.
+    pub fn current_shell() -> String {
+        User::from_uid(Uid::current())
+            .ok()
+            .flatten()
+            .map(|u| u.shell.display().to_string())
+            .filter(|s| !s.is_empty())
+            .or_else(|| std::env::var("SHELL").ok())
+            .unwrap_or_else(|| "/bin/sh".into())
+    }
+}
+
+/// Builds `argv` to run inside the cgroup whose `cgroup.procs` is `join` (None: stay where we
+/// are, e.g. --global), as `identity` (None: as the current user), with `env` added.
+pub fn command(
+    argv: &[String],
+    join: Option<File>,
+    identity: Option<&Identity>,
+    env: &[(String, String)],
+) -> Result<Command, RunAsError> {
+    let (program, args) = argv.split_first().ok_or(RunAsError::NoCommand)?;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(id) = identity {
+        cmd.env("HOME", &id.home).env("USER", &id.name).env("LOGNAME", &id.name);
+    }
+    let identity = identity.cloned();
+    // SAFETY: the closure only makes async-signal-safe syscalls (write, setgroups, setgid,
+    // setuid) on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &join {
+                nix::unistd::write(procs.as_fd(), b"0")?;
+            }
+            if let Some(id) = &identity {
+                nix::unistd::setgroups(&id.groups)?;
+                nix::unistd::setgid(id.gid)?;
+                nix::unistd::setuid(id.uid)?;
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// The exit code a shell would report for a finished child (128+N for signal N).
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Idempotent setup for building and testing beamredir on a fresh Debian machine.
+# Everything the build and the tests need is installed here, so nothing done by hand is
+# relied on. A second run only checks (a few seconds). See ../shared/notes/toolchain.md.
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+# Debian packages used by the tests and the demo (real Erlang/Elixir peers, netns, bpftool).
+DEB_PACKAGES=(erlang-base erlang-crypto elixir iproute2 util-linux bpftool iptables python3 socat)
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    log "need root to install Debian packages: ${missing[*]} (run with sudo)"; exit 1
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# eBPF build: nightly + rust-src (for -Z build-std=core).
+if ! rustup toolchain list | grep -q '^nightly'; then
+  log "installing the nightly toolchain"; rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+  log "adding rust-src to nightly"; rustup component add rust-src --toolchain nightly
+fi
+
+# bpf-linker, linked against the nightly's own LLVM (the only LLVM the machine has).
+SYSROOT=$(rustc +nightly --print sysroot)
+llvm_so=$(ls "$SYSROOT"/lib/libLLVM.so.* 2>/dev/null | head -n1 || true)
+if [ -z "$llvm_so" ]; then log "no libLLVM in $SYSROOT/lib: cannot build bpf-linker"; exit 1; fi
+llvm_major=$(basename "$llvm_so" | sed -E 's/^libLLVM\.so\.([0-9]+).*/\1/')
+if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version >/dev/null 2>&1; then
+  ln -sf "$llvm_so" "$SYSROOT/lib/libLLVM.so"
+  log "building bpf-linker against LLVM $llvm_major from the nightly toolchain (~70 s)"
+  LLVM_PREFIX="$SYSROOT" cargo +stable install --locked bpf-linker --version 0.13.0 \
+    --no-default-features --features "llvm-$llvm_major"
+fi
+log "ok (nightly rust-src, bpf-linker, Debian packages)"
