@@ -245,7 +245,7 @@ fn start_ebpf_logger(session: &ActiveSession) {
         // SAFETY: the logger owns its ring buffer fd and moves into the AsyncFd, which keeps it
         // open for as long as it is registered.
         Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
-            Err(e) => log::warn!("eBPF logging unavailable: {}", e.error()),
+            Err(e) => log::warn!("eBPF logging unavailable: {e}"),
             Ok(mut logger) => {
                 tokio::spawn(async move {
                     loop {

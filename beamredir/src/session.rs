@@ -92,12 +92,16 @@ impl SessionRecord {
     }
 }
 
-/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
+/// Start time of a running process in clock ticks since boot (field 22 of /proc/PID/stat);
+/// None for a process that is gone or a zombie (exited, not yet reaped by its parent).
 pub fn process_start_ticks(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields after its ')' are plain.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(fields.next()?, "Z" | "X") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 pub fn validate_name(name: &str) -> Result<(), SessionError> {

@@ -1,0 +1,163 @@
+//! Session behaviour: who is redirected and who is not, counters, getpeername, teardown on
+//! every path (down, SIGKILL), and the --global/--cgroup scopes.
+use std::{
+    io::ErrorKind,
+    net::{SocketAddrV4, TcpStream},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Result, ensure};
+use beamredir_testbed::{EPMD_PORT, Netns, TestBed, bpftool_cgroup_programs, cgroup2_root, run, unique, wait_until};
+
+/// A connect() from the test process itself, which is in no session, inside `ns`.
+fn connect_outside_session(ns: &Netns, to: SocketAddrV4) -> Result<std::io::Result<SocketAddrV4>> {
+    ns.in_ns(move || {
+        TcpStream::connect_timeout(&to.into(), Duration::from_secs(3)).map(|s| match s.peer_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            other => panic!("unexpected peer {other}"),
+        })
+    })
+}
+
+/// Python in the session: connect to the pod epmd and print what getpeername() says.
+const PEER_SCRIPT: &str = "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5); print('%s:%d' % s.getpeername())";
+
+#[test]
+fn session_redirects_its_own_processes_counts_them_and_nobody_else() -> Result<()> {
+    let bed = TestBed::start()?;
+    let session = unique("s");
+    let _map = bed.start_session(&session, &[])?;
+    let pod_epmd = SocketAddrV4::new(bed.pod.ip, EPMD_PORT);
+
+    // Two processes joined through `beamredir exec` are redirected, and getpeername() shows
+    // the pod endpoint, not the loopback forward.
+    for _ in 0..2 {
+        let out = run(bed
+            .beamredir()
+            .args(["exec", "--session", &session, "--", "python3", "-c", PEER_SCRIPT])
+            .args([bed.pod.ip.to_string(), EPMD_PORT.to_string()]))?;
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pod_epmd.to_string());
+    }
+
+    // The same connect from a process outside the session is not redirected: the workstation
+    // has no route to the pod.
+    let outside = connect_outside_session(&bed.ws, pod_epmd)?;
+    assert_eq!(outside.unwrap_err().kind(), ErrorKind::NetworkUnreachable);
+
+    // `status` shows the counter moved exactly twice for epmd and not at all for dist.
+    let status = bed.session_status(&session).expect("session listed");
+    let redirects = status["redirects"].as_array().unwrap();
+    let count_of = |port: u16| {
+        redirects
+            .iter()
+            .find(|r| r["pod"] == format!("{}:{port}", bed.pod.ip))
+            .map(|r| r["connects"].as_u64().unwrap())
+    };
+    assert_eq!(count_of(EPMD_PORT), Some(2), "{status:#}");
+    assert_eq!(count_of(bed.pod.dist_port), Some(0), "{status:#}");
+    let table = run(bed.beamredir().arg("status"))?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains(&session) && table.contains("running") && table.contains("connects 2"), "{table}");
+
+    // `down` ends it: programs detached, cgroup and record gone.
+    let cgroup = std::path::PathBuf::from(status["cgroup_path"].as_str().unwrap());
+    assert_eq!(bpftool_cgroup_programs(&cgroup)?.len(), 2);
+    run(bed.beamredir().args(["down", "--session", &session]))?;
+    assert!(!cgroup.exists(), "session cgroup left behind");
+    assert!(bed.session_status(&session).is_none());
+    Ok(())
+}
+
+#[test]
+fn sigkill_detaches_the_programs_and_the_next_run_cleans_the_stale_cgroup() -> Result<()> {
+    let bed = TestBed::start()?;
+    let session = unique("k");
+    let mut map = bed.start_session(&session, &[])?;
+    let status = bed.session_status(&session).unwrap();
+    let cgroup = std::path::PathBuf::from(status["cgroup_path"].as_str().unwrap());
+    let attached = bpftool_cgroup_programs(&cgroup)?;
+    let types: Vec<_> = attached.iter().map(|(t, _)| t.as_str()).collect();
+    assert!(types.contains(&"cgroup_inet4_connect") && types.contains(&"cgroup_inet4_getpeername"), "{attached:?}");
+
+    map.0.kill()?; // SIGKILL: no teardown code runs.
+    map.0.wait()?;
+    // The kernel dropped the bpf_links with the process: bpftool sees nothing attached.
+    wait_until("programs to be detached", Duration::from_secs(5), || {
+        bpftool_cgroup_programs(&cgroup).map(|p| p.is_empty()).unwrap_or(false)
+    })?;
+    assert!(cgroup.exists(), "the stale cgroup is still there until the next run");
+    assert_eq!(bed.session_status(&session).unwrap()["state"], "stale");
+
+    // The next `map` cleans it up.
+    let out = run(bed.beamredir().args(["map", "--session", &unique("n")]).args(bed.mappings()).args(["--", "true"]))?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cleaned up stale session \"{session}\"")));
+    assert!(!cgroup.exists(), "stale cgroup not removed");
+    assert!(bed.session_status(&session).is_none());
+    Ok(())
+}
+
+#[test]
+fn global_scope_redirects_every_process_until_down() -> Result<()> {
+    let bed = TestBed::start()?;
+    let session = unique("g");
+    let pod_epmd = SocketAddrV4::new(bed.pod.ip, EPMD_PORT);
+    let mut map = bed.start_session(&session, &["--global"])?;
+    // The test process is in no session cgroup, yet --global redirects it.
+    let peer = connect_outside_session(&bed.ws, pod_epmd)?.expect("redirected connect");
+    assert_eq!(peer, pod_epmd, "getpeername restores the pod address");
+    run(bed.beamredir().args(["down", "--session", &session]))?;
+    assert!(map.0.wait()?.success());
+    let after = connect_outside_session(&bed.ws, pod_epmd)?;
+    assert_eq!(after.unwrap_err().kind(), ErrorKind::NetworkUnreachable);
+    Ok(())
+}
+
+/// A cgroup the test owns, removed on drop.
+struct OwnCgroup(std::path::PathBuf);
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn existing_cgroup_scope_is_used_and_left_in_place() -> Result<()> {
+    let bed = TestBed::start()?;
+    let own = OwnCgroup(cgroup2_root()?.join(unique("brtest-cg")));
+    std::fs::create_dir(&own.0)?;
+    let session = unique("c");
+    let _map = bed.start_session(&session, &["--cgroup", own.0.to_str().unwrap()])?;
+    let out = run(bed
+        .beamredir()
+        .args(["exec", "--session", &session, "--", "python3", "-c", PEER_SCRIPT])
+        .args([bed.pod.ip.to_string(), EPMD_PORT.to_string()]))?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{}:{EPMD_PORT}", bed.pod.ip));
+    assert_eq!(bpftool_cgroup_programs(&own.0)?.len(), 2);
+    run(bed.beamredir().args(["down", "--session", &session]))?;
+    assert!(own.0.exists(), "beamredir removed a cgroup it did not create");
+    assert!(bpftool_cgroup_programs(&own.0)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn command_exit_code_is_passed_on_and_the_command_runs_as_the_sudo_user() -> Result<()> {
+    let bed = TestBed::start()?;
+    let out = bed
+        .beamredir()
+        .args(["map", "--session", &unique("x")])
+        .args(bed.mappings())
+        .args(["--", "sh", "-c", "id -u; id -g; echo $HOME; echo $BEAMREDIR_SESSION; exit 7"])
+        .env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65534")
+        .stdin(Stdio::null())
+        .output()?;
+    assert_eq!(out.status.code(), Some(7));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<_> = text.lines().collect();
+    ensure!(lines.len() == 4, "{text}");
+    assert_eq!(&lines[..2], ["65534", "65534"]);
+    assert_eq!(lines[2], "/nonexistent"); // nobody's home in Debian's passwd
+    assert!(lines[3].starts_with('x'));
+    Ok(())
+}
