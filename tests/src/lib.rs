@@ -24,6 +24,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod demo;
+
 use anyhow::{Context, Result, bail, ensure};
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
@@ -466,6 +468,14 @@ impl Interactive {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl Drop for TestBed {
+    /// Even when a test fails half-way: end this bed's sessions and clean stale ones, so no
+    /// cgroup or attached program outlives the test.
+    fn drop(&mut self) {
+        let _ = self.beamredir().args(["-q", "down", "--all"]).stdout(Stdio::null()).status();
     }
 }
 

@@ -1,1 +1,102 @@
-fn main() {}
+//! Build, test and demo orchestration: `cargo xtask <setup|build|test|demo>`.
+//!
+//! Every task that needs tools first runs `scripts/setup.sh`, which installs what is missing
+//! (nightly rust-src, bpf-linker, Debian packages) and does nothing when all is there.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "beamredir's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Build beamredir (and its embedded eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit tests and the privileged end-to-end tests (root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The README's first command: a local Erlang node reaches a "pod" node through beamredir.
+    Demo,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn setup() -> Result<()> {
+    run(Command::new("bash").arg(workspace_root().join("scripts/setup.sh")))
+}
+
+fn build(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "beamredir"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(workspace_root().join("target"));
+    Ok(target.join(if release { "release" } else { "debug" }).join("beamredir"))
+}
+
+fn require_root(task: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("`cargo xtask {task}` needs root (network namespaces, eBPF, cgroups, apt-get): run it as root, e.g. `sudo -E env PATH=\"$PATH\" cargo xtask {task}`");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build { release } => {
+            setup()?;
+            build(release).map(|_| ())
+        }
+        Task::Test { args } => {
+            require_root("test")?;
+            setup()?;
+            let bin = build(false)?;
+            run(cargo().args(["test", "--workspace", "--exclude", "beamredir-ebpf"]).args(&args).env("BEAMREDIR_BIN", &bin))
+        }
+        Task::Demo => {
+            require_root("demo")?;
+            setup()?;
+            let bin = build(false)?;
+            // SAFETY: single-threaded at this point.
+            unsafe { std::env::set_var("BEAMREDIR_BIN", &bin) };
+            beamredir_testbed::demo::run()
+        }
+    }
+}
