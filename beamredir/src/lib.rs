@@ -11,6 +11,7 @@
 pub mod cgroup;
 pub mod control;
 pub mod doctor;
+pub mod epmd;
 pub mod mapping;
 pub mod redirect;
 pub mod runas;

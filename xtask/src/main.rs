@@ -7,6 +7,8 @@ use std::{
     process::Command,
 };
 
+mod bench;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
@@ -34,6 +36,8 @@ enum Task {
     },
     /// The README's first command: a local Erlang node reaches a "pod" node through beamredir.
     Demo,
+    /// Benchmarks (side by side in one run): report under target/bench/.
+    Bench(bench::BenchArgs),
 }
 
 fn workspace_root() -> PathBuf {
@@ -97,6 +101,14 @@ fn main() -> Result<()> {
             // SAFETY: single-threaded at this point.
             unsafe { std::env::set_var("BEAMREDIR_BIN", &bin) };
             beamredir_testbed::demo::run()
+        }
+        Task::Bench(args) => {
+            require_root("bench")?;
+            setup()?;
+            let bin = build(true)?;
+            // SAFETY: single-threaded at this point.
+            unsafe { std::env::set_var("BEAMREDIR_BIN", &bin) };
+            bench::run(args)
         }
     }
 }

@@ -1,0 +1,1 @@
+//! The EPMD protocol as seen by beamredir's epmd forward (being written).
