@@ -56,6 +56,13 @@ pub enum Command {
         sudo beamredir map --session work 10.244.0.5:4369=14369 10.244.0.5:5555=15555\n  \
         sudo beamredir shell --session work")]
     Map(MapArgs),
+    /// Port-forward a pod's Erlang ports through the API server and redirect the pod IP to them.
+    #[command(after_help = "Examples:\n  \
+        sudo beamredir up --pod app-0 -- iex --name debug@127.0.0.1 --cookie secret --hidden --remsh app@10.244.0.5\n  \
+        sudo beamredir up -n prod --context staging --pod app-0 --pod app-1\n  \
+        sudo beamredir up --kubeconfig ~/.kube/kind.yaml --pod app-0 --dist-port 9000\n\n\
+        Under sudo, the kubeconfig is $KUBECONFIG if set (sudo drops it unless -E), else ~/.kube/config of the user who ran sudo.")]
+    Up(UpArgs),
     /// Run a command inside a running session (as the user who invoked sudo).
     #[command(after_help = "Example:\n  sudo beamredir exec --session work -- iex --name debug@127.0.0.1 --cookie secret --remsh app@10.244.0.5")]
     Exec(ExecArgs),
@@ -101,6 +108,23 @@ pub struct MapArgs {
     /// POD_IP:PORT=LOCAL_PORT (or =LOCAL_IP:LOCAL_PORT): connect() to POD_IP:PORT goes to the local forward.
     #[arg(required = true, value_name = "POD_IP:PORT=LOCAL_PORT")]
     pub mappings: Vec<Mapping>,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    /// Command to run in the session; beamredir ends the session when it exits and exits with its code.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Pod to reach (repeatable).
+    #[arg(long = "pod", short = 'p', required = true, value_name = "NAME")]
+    pub pods: Vec<String>,
+    /// The pods' Erlang distribution port (default: a container port named `erlang`/`dist`, else ERL_PORT).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub dist_port: Option<u16>,
+    #[command(flatten)]
+    pub kube: beamredir::k8s::KubeArgs,
     #[command(flatten)]
     pub scope: ScopeArgs,
     /// Command to run in the session; beamredir ends the session when it exits and exits with its code.
@@ -175,7 +199,22 @@ pub fn run(cli: Cli) -> Result<i32> {
                 mappings: args.mappings,
                 load: LoadOptions { log_rewrites: cli.verbose > 0, ..Default::default() },
             };
-            run_session(state, opts, args.command)
+            let runtime = runtime()?;
+            let result = runtime.block_on(async {
+                let session = ActiveSession::start(state, opts)?;
+                let banner = session_banner(&session, None);
+                serve_session(session, args.command, Extras { banner, ..Default::default() }, cli.verbose > 0).await
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            result
+        }
+        Command::Up(args) => {
+            require_root("up")?;
+            beamredir::session::validate_name(&args.scope.session)?;
+            let runtime = runtime()?;
+            let result = runtime.block_on(up(state, args, cli.verbose > 0));
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            result
         }
         Command::Exec(args) => {
             require_root("exec")?;
@@ -216,50 +255,68 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-/// Starts a session and keeps it until CMD exits, or (without CMD) until SIGINT/SIGTERM or
-/// `beamredir down`. Everything is torn down when this returns, on every path.
-fn run_session(state: StateDir, opts: SessionOptions, command: Vec<String>) -> Result<i32> {
-    let identity = Identity::invoking_user()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let log_rewrites = opts.load.log_rewrites;
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+/// What a kind of session adds to the common loop.
+#[derive(Default)]
+struct Extras {
+    /// Printed (to stderr) once the session is up.
+    banner: String,
+    /// Fills in what only this kind of session knows (forward counters, pods).
+    decorate: Option<Arc<dyn Fn(&mut SessionStatus) + Send + Sync>>,
+    /// Background tasks (e.g. pod watches), aborted at teardown.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn up(state: StateDir, args: UpArgs, verbose: bool) -> Result<i32> {
+    use beamredir::{k8s::Cluster, up::Pods};
+    let cluster = Cluster::connect(&args.kube).await?;
+    log::debug!("kubeconfig {}, API server {}, namespace {}", cluster.source, cluster.url, cluster.namespace);
+    let pods = Pods::resolve(cluster, &args.pods, args.dist_port).await?;
+    let opts = SessionOptions {
+        name: args.scope.session.clone(),
+        scope: args.scope.request(),
+        mappings: pods.mappings(),
+        load: LoadOptions { log_rewrites: verbose, ..Default::default() },
+    };
     let session = ActiveSession::start(state, opts)?;
-    let _guard = runtime.enter();
-    if log_rewrites {
-        start_ebpf_logger(&session);
-    }
+    let banner = session_banner(&session, Some(&pods));
     let session = Arc::new(Mutex::new(session));
-    let result = runtime.block_on(serve_session(session.clone(), command, identity));
-    // Teardown: the control socket stops answering first, then the session drops
-    // (programs detached, cgroup removed, record deleted).
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    drop(session);
+    let tasks = pods.follow(session.clone());
+    let decorate_pods = pods.clone();
+    let extras = Extras { banner, decorate: Some(Arc::new(move |s: &mut SessionStatus| decorate_pods.decorate(s))), tasks };
+    serve_shared_session(session, args.command, extras, verbose).await
+}
+
+/// Serves a session until CMD exits, or (without CMD) until SIGINT/SIGTERM or `beamredir down`.
+/// Everything is torn down when the session drops, on every path.
+async fn serve_session(session: ActiveSession, command: Vec<String>, extras: Extras, verbose: bool) -> Result<i32> {
+    serve_shared_session(Arc::new(Mutex::new(session)), command, extras, verbose).await
+}
+
+async fn serve_shared_session(session: Arc<Mutex<ActiveSession>>, command: Vec<String>, extras: Extras, verbose: bool) -> Result<i32> {
+    let result = serve_until_done(&session, command, &extras, verbose).await;
+    for task in &extras.tasks {
+        task.abort();
+    }
+    for task in extras.tasks {
+        let _ = task.await;
+    }
+    // The watches held the last other references; this drop is the teardown.
+    match Arc::try_unwrap(session) {
+        Ok(session) => drop(session),
+        Err(_) => log::warn!("session still referenced at teardown; it ends with the process"),
+    }
     result
 }
 
-fn start_ebpf_logger(session: &ActiveSession) {
-    let handle = session.redirector();
-    let mut guard = handle.lock().unwrap();
-    let Some(redirector) = guard.as_mut() else { return };
-    match aya_log::EbpfLogger::init(redirector.ebpf_mut()) {
-        Err(e) => log::warn!("eBPF logging unavailable: {e}"),
-        // SAFETY: the logger owns its ring buffer fd and moves into the AsyncFd, which keeps it
-        // open for as long as it is registered.
-        Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
-            Err(e) => log::warn!("eBPF logging unavailable: {e}"),
-            Ok(mut logger) => {
-                tokio::spawn(async move {
-                    loop {
-                        let Ok(mut ready) = logger.readable_mut().await else { break };
-                        ready.get_inner_mut().flush();
-                        ready.clear_ready();
-                    }
-                });
-            }
-        },
+async fn serve_until_done(session: &Arc<Mutex<ActiveSession>>, command: Vec<String>, extras: &Extras, verbose: bool) -> Result<i32> {
+    let identity = Identity::invoking_user()?;
+    if verbose {
+        start_ebpf_logger(&session.lock().unwrap());
     }
-}
-
-async fn serve_session(session: Arc<Mutex<ActiveSession>>, command: Vec<String>, identity: Option<Identity>) -> Result<i32> {
     let (name, socket_path, cgroup_join, scope) = {
         let s = session.lock().unwrap();
         let record = s.record();
@@ -270,11 +327,19 @@ async fn serve_session(session: Arc<Mutex<ActiveSession>>, command: Vec<String>,
         (record.name.clone(), s.state().socket_path(&record.name), join, record.scope.clone())
     };
     let (down_tx, mut down_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let handler_session = session.clone();
+    let handler_session = Arc::downgrade(session);
+    let decorate = extras.decorate.clone();
     let control = control::serve(
         &socket_path,
         Arc::new(move |req| match req {
-            Request::Status => serde_json::to_string(&handler_session.lock().unwrap().status()).expect("serializes"),
+            Request::Status => {
+                let Some(session) = handler_session.upgrade() else { return r#"{"error":"ending"}"#.into() };
+                let mut status = session.lock().unwrap().status();
+                if let Some(decorate) = &decorate {
+                    decorate(&mut status);
+                }
+                serde_json::to_string(&status).expect("serializes")
+            }
             Request::Down => {
                 let _ = down_tx.send(());
                 r#"{"ok":true}"#.to_string()
@@ -286,9 +351,10 @@ async fn serve_session(session: Arc<Mutex<ActiveSession>>, command: Vec<String>,
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    eprintln!("{}", extras.banner);
 
     let code = if command.is_empty() {
-        print_join_help(&session.lock().unwrap());
+        eprintln!("Press Ctrl-C (or run `sudo beamredir down --session {name}`) to end the session.");
         tokio::select! {
             _ = sigint.recv() => log::info!("interrupted; ending session {name}"),
             _ = sigterm.recv() => log::info!("terminated; ending session {name}"),
@@ -326,6 +392,30 @@ async fn serve_session(session: Arc<Mutex<ActiveSession>>, command: Vec<String>,
     Ok(code)
 }
 
+/// Forwards the eBPF program's aya-log records (one per rewrite) to our logger.
+fn start_ebpf_logger(session: &ActiveSession) {
+    let handle = session.redirector();
+    let mut guard = handle.lock().unwrap();
+    let Some(redirector) = guard.as_mut() else { return };
+    match aya_log::EbpfLogger::init(redirector.ebpf_mut()) {
+        Err(e) => log::warn!("eBPF logging unavailable: {e}"),
+        // SAFETY: the logger owns its ring buffer fd and moves into the AsyncFd, which keeps it
+        // open for as long as it is registered.
+        Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Err(e) => log::warn!("eBPF logging unavailable: {e}"),
+            Ok(mut logger) => {
+                tokio::spawn(async move {
+                    loop {
+                        let Ok(mut ready) = logger.readable_mut().await else { break };
+                        ready.get_inner_mut().flush();
+                        ready.clear_ready();
+                    }
+                });
+            }
+        },
+    }
+}
+
 fn describe_scope(scope: &Scope) -> String {
     match scope {
         Scope::Session { cgroup } => format!("cgroup {cgroup}"),
@@ -334,23 +424,37 @@ fn describe_scope(scope: &Scope) -> String {
     }
 }
 
-fn print_join_help(session: &ActiveSession) {
+/// The block printed when a session is up: what is redirected where, and how to connect.
+fn session_banner(session: &ActiveSession, pods: Option<&beamredir::up::Pods>) -> String {
     let record = session.record();
-    let mut out = String::new();
-    out.push_str(&format!("beamredir session {:?} is up (pid {}).\n", record.name, record.pid));
+    let mut out = format!("beamredir session {:?} is up (pid {}).\n", record.name, record.pid);
+    if let Some(pods) = pods {
+        let cluster = pods.cluster();
+        out.push_str(&format!("  cluster   {} (from {}), namespace {}\n", cluster.url, cluster.source, cluster.namespace));
+        for t in pods.targets() {
+            out.push_str(&format!("  pod       {}  {}  epmd {}  dist {}\n", t.name, t.ip, t.epmd_port, t.dist_port.map(|p| p.to_string()).unwrap_or("?".into())));
+        }
+    }
     for m in &record.redirects {
         out.push_str(&format!("  redirect  {m}\n"));
     }
     match &record.scope {
         Scope::Global => out.push_str("  scope     every process on this machine (--global)\n"),
-        _ => {
-            out.push_str(&format!("  cgroup    {}\n", session.cgroup_path().display()));
-            out.push_str(&format!("Join it from another terminal:\n  sudo beamredir shell --session {}\n", record.name));
-            out.push_str(&format!("  sudo beamredir exec --session {} -- erl -name debug@127.0.0.1 -hidden -setcookie COOKIE\n", record.name));
+        _ => out.push_str(&format!("  cgroup    {}\n", session.cgroup_path().display())),
+    }
+    if let Some(pods) = pods {
+        if let Some(t) = pods.targets().first() {
+            let node = t.node_name.clone().unwrap_or_else(|| format!("NAME@{}", t.ip));
+            out.push_str("Connect (in the session: the command after `--`, `beamredir shell` or `beamredir exec`):\n");
+            out.push_str(&format!("  iex --name debug@127.0.0.1 --cookie \"$COOKIE\" --hidden --remsh {node}\n"));
+            out.push_str(&format!("  erl -name debug@127.0.0.1 -setcookie \"$COOKIE\" -hidden -remsh {node}\n"));
+            out.push_str("  (-hidden: the local node does not join the pods' global mesh; $COOKIE is the cluster's cookie)\n");
         }
     }
-    out.push_str("Press Ctrl-C (or run `sudo beamredir down`) to end it.");
-    println!("{out}");
+    if !matches!(record.scope, Scope::Global) {
+        out.push_str(&format!("Join from another terminal:  sudo beamredir shell --session {}", record.name));
+    }
+    out.trim_end().to_string()
 }
 
 /// Replaces this process with `argv` inside a running session's cgroup, as the invoking user.

@@ -348,6 +348,7 @@ impl ActiveSession {
             scope: self.record.scope.clone(),
             cgroup_path: self.cgroup_path().display().to_string(),
             processes,
+            pods: Vec::new(),
             redirects: self
                 .record
                 .redirects
@@ -407,6 +408,19 @@ pub struct SessionStatus {
     pub cgroup_path: String,
     pub processes: Vec<u32>,
     pub redirects: Vec<RedirectStatus>,
+    /// Pods followed by an `up` session.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<PodInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodInfo {
+    pub name: String,
+    pub namespace: String,
+    pub ip: Option<String>,
+    pub state: String,
+    /// The node name the pod's command line gives (e.g. app@10.244.0.5), if known.
+    pub node: Option<String>,
 }
 
 impl SessionStatus {
@@ -420,6 +434,7 @@ impl SessionStatus {
             scope: record.scope.clone(),
             cgroup_path,
             processes: Vec::new(),
+            pods: Vec::new(),
             redirects: record
                 .redirects
                 .iter()

@@ -1,0 +1,161 @@
+//! One TCP connection carried over one port-forward WebSocket through the API server, using
+//! the channel protocol (`v4.channel.k8s.io`; `v5` adds a CLOSE signal for half-close).
+//!
+//! beamredir does its own framing on top of kube's upgraded connection instead of kube's
+//! `Portforwarder`, for three reasons: a local half-close must not discard the pod's reply;
+//! errors the kubelet sends on the error channel must be reported with pod and port; and
+//! byte counters for `status`. Frames: one channel byte, then payload. Port i uses data
+//! channel 2i and error channel 2i+1; the first frame on each carries the port (u16 LE).
+use std::sync::{Arc, atomic::Ordering};
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use kube::client::Connection;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Cluster, error::{K8sError, transport}};
+use crate::forward::ConnStats;
+
+const DATA: u8 = 0;
+const ERROR: u8 = 1;
+/// v5.channel.k8s.io: a frame on channel 255 whose payload is a channel id closes that
+/// channel's sending side.
+const CLOSE_SIGNAL: u8 = 255;
+/// Largest payload per frame; large enough that per-frame overhead stays negligible.
+const FRAME: usize = 256 * 1024;
+const LINGER_AFTER_LOCAL_EOF: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Opens a port-forward WebSocket to `pod` port `port`.
+pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<Connection, K8sError> {
+    let request = kube::core::Request::new(format!("/api/v1/namespaces/{}/pods", cluster.namespace))
+        .portforward(pod, &[port])
+        .map_err(|e| K8sError::PortForward { pod: pod.into(), port, reason: e.to_string() })?;
+    cluster.client.connect(request).await.map_err(|e| match e {
+        kube::Error::UpgradeConnection(kube::client::UpgradeConnectionError::ProtocolSwitch(code)) if code == 401 => {
+            K8sError::Unauthorized { url: cluster.url.clone(), verb: "create".into(), resource: "pods/portforward".into(), message: "401 on upgrade".into() }
+        }
+        kube::Error::UpgradeConnection(kube::client::UpgradeConnectionError::ProtocolSwitch(code)) if code == 403 => {
+            K8sError::Forbidden { verb: "create".into(), resource: "pods/portforward".into(), namespace: cluster.namespace.clone(), message: format!("the API server refused to forward to pod {pod}") }
+        }
+        kube::Error::UpgradeConnection(kube::client::UpgradeConnectionError::ProtocolSwitch(code)) => {
+            K8sError::PortForward { pod: pod.into(), port, reason: format!("the API server answered {code} instead of switching protocols (pod gone or not running?)") }
+        }
+        other => transport(&other, &cluster.url),
+    })
+}
+
+/// How a relayed connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Both sides finished normally.
+    Closed,
+    /// The kubelet reported an error on the error channel (e.g. nothing listening in the pod).
+    PodError(String),
+}
+
+/// Relays `local` over the port-forward `conn` until both directions are done.
+pub async fn relay<S>(conn: Connection, local: S, port: u16, stats: Arc<ConnStats>) -> Result<Ended, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let can_half_close = conn.supports_stream_close();
+    let (mut sink, mut stream) = conn.into_stream().split();
+    let (mut local_rd, mut local_wr) = tokio::io::split(local);
+
+    // local -> pod. Runs until the local side stops sending.
+    let up_stats = stats.clone();
+    let local_eof = Arc::new(tokio::sync::Notify::new());
+    let local_eof_tx = local_eof.clone();
+    let mut to_pod = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(FRAME + 1);
+        loop {
+            buf.clear();
+            buf.extend_from_slice(&[DATA]);
+            buf.resize(FRAME + 1, 0);
+            let n = match local_rd.read(&mut buf[1..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            buf.truncate(n + 1);
+            if sink.send(Message::Binary(buf.split().freeze())).await.is_err() {
+                return None;
+            }
+            up_stats.bytes_to_pod.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if can_half_close {
+            let _ = sink.send(Message::Binary(Bytes::from_static(&[CLOSE_SIGNAL, DATA]))).await;
+        }
+        local_eof_tx.notify_one();
+        // Without v5 there is no way to half-close towards the pod: keep the WebSocket open
+        // so the pod's reply still arrives.
+        Some(sink)
+    });
+
+    // pod -> local, on this task.
+    let mut seen_port_frame = [false; 2];
+    let mut error = String::new();
+    let mut result = Ok(Ended::Closed);
+    // After a local EOF on v4 (where half-close cannot be signalled, and a full close looks
+    // the same), give the pod this long of silence before giving up on the connection.
+    let mut lingering = false;
+    let linger = tokio::time::sleep(LINGER_AFTER_LOCAL_EOF);
+    tokio::pin!(linger);
+    loop {
+        let msg = tokio::select! {
+            msg = stream.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+            _ = local_eof.notified(), if !lingering => {
+                lingering = !can_half_close;
+                linger.as_mut().reset(tokio::time::Instant::now() + LINGER_AFTER_LOCAL_EOF);
+                continue;
+            }
+            _ = &mut linger, if lingering => break,
+        };
+        if lingering {
+            linger.as_mut().reset(tokio::time::Instant::now() + LINGER_AFTER_LOCAL_EOF);
+        }
+        let data = match msg {
+            Ok(Message::Binary(data)) => data,
+            Ok(Message::Close(_)) => break,
+            Ok(_) => continue,
+            Err(e) => {
+                result = Err(format!("WebSocket: {e}"));
+                break;
+            }
+        };
+        let Some((&channel, payload)) = data.split_first() else { continue };
+        match channel {
+            DATA | ERROR if !seen_port_frame[channel as usize] => {
+                seen_port_frame[channel as usize] = true;
+                if payload.len() != 2 || u16::from_le_bytes([payload[0], payload[1]]) != port {
+                    result = Err(format!("bad port announcement on channel {channel}: {payload:?}"));
+                    break;
+                }
+            }
+            DATA => {
+                if local_wr.write_all(payload).await.is_err() {
+                    break;
+                }
+                stats.bytes_from_pod.fetch_add(payload.len() as u64, Ordering::Relaxed);
+            }
+            ERROR => error.push_str(&String::from_utf8_lossy(payload)),
+            _ => {}
+        }
+    }
+    let _ = local_wr.shutdown().await;
+    // The pod side is done; whatever the local side still sends has nowhere to go.
+    if !to_pod.is_finished() {
+        to_pod.abort();
+    }
+    if let Ok(Some(mut sink)) = (&mut to_pod).await {
+        let _ = sink.close().await;
+    }
+    if !error.is_empty() && result.is_ok() {
+        result = Ok(Ended::PodError(error));
+    }
+    result
+}
+
