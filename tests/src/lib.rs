@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cluster;
 pub mod demo;
 
 use anyhow::{Context, Result, bail, ensure};

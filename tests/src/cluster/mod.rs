@@ -1,0 +1,152 @@
+//! A simulated Kubernetes cluster that speaks the real wire protocol, for tests and the demo.
+//!
+//! * [`apiserver`]: HTTPS API server (bearer token, real JSON, watch, port-forward WebSocket);
+//! * [`kubelet`]: StatefulSet controller + kubelet running each pod as a network namespace
+//!   with a real BEAM node;
+//! * [`store`], [`selector`], [`pki`]: objects and resourceVersions, selectors, certificates
+//!   and kubeconfig.
+//!
+//! The API server listens on 127.0.0.1 inside the *workstation* namespace, which has no route
+//! to any pod IP: beamredir, running there, reaches pods only through port-forwards.
+pub mod apiserver;
+pub mod kubelet;
+pub mod pki;
+pub mod selector;
+pub mod store;
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::{Netns, TempDir, beamredir_bin, wait_until};
+
+/// The example manifest from docs/examples (a 1-replica Elixir StatefulSet `app`).
+pub const EXAMPLE_MANIFEST: &str = include_str!("../../../docs/examples/statefulset.yaml");
+
+static NEXT_SUBNET: AtomicU32 = AtomicU32::new(0);
+
+pub struct SimCluster {
+    // Field order is drop order: stop serving, then the pods, then the namespaces.
+    server: apiserver::ApiServer,
+    pub state: Arc<apiserver::ApiState>,
+    pub kubelet: Arc<kubelet::Kubelet>,
+    runtime: tokio::runtime::Runtime,
+    /// The workstation namespace: where the API server listens and beamredir runs.
+    pub ws: Netns,
+    pub kubeconfig: PathBuf,
+    pub url: String,
+    pub dir: TempDir,
+}
+
+impl SimCluster {
+    /// Starts the API server and the pods of `manifest`, and waits until every pod is Ready.
+    pub fn start(manifest: &str) -> Result<Self> {
+        crate::require_root()?;
+        let dir = TempDir::new("brsim")?;
+        let ws = Netns::new("brws")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let subnet = 100 + ((std::process::id() + NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) * 7) % 150) as u8;
+        let store = Arc::new(store::Store::new());
+        let kubelet = Arc::new(kubelet::Kubelet::new(store.clone(), subnet, dir.path().to_path_buf()));
+        let pki = pki::Pki::generate()?;
+        let token = pki::random_token()?;
+        let state = Arc::new(apiserver::ApiState::new(store, kubelet.clone(), token.clone()));
+        let server = runtime.block_on(apiserver::ApiServer::start(state.clone(), pki.server_config.clone(), ws.path()))?;
+        let url = format!("https://{}", server.addr);
+        let kubeconfig = dir.path().join("kubeconfig");
+        pki::write_kubeconfig(&kubeconfig, &url, &pki.ca_pem, &token)?;
+        let cluster = SimCluster { server, state, kubelet, runtime, ws, kubeconfig, url, dir };
+        let pods = cluster.kubelet.apply_manifest(manifest)?;
+        for (ns, name) in pods {
+            cluster.wait_ready(&ns, &name, Duration::from_secs(90))?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn pod(&self, ns: &str, name: &str) -> Option<Pod> {
+        self.state.store.get_pod(ns, name)
+    }
+
+    pub fn pod_ip(&self, name: &str) -> Option<Ipv4Addr> {
+        self.pod("default", name)?.status?.pod_ip?.parse().ok()
+    }
+
+    fn is_ready(pod: &Pod) -> bool {
+        pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    }
+
+    /// Waits until a pod is Running and Ready; returns it.
+    pub fn wait_ready(&self, ns: &str, name: &str, timeout: Duration) -> Result<Pod> {
+        wait_until(&format!("pod {ns}/{name} to be Ready"), timeout, || {
+            if let Some(p) = self.pod(ns, name) {
+                if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed") {
+                    return true;
+                }
+                return Self::is_ready(&p);
+            }
+            false
+        })?;
+        let pod = self.pod(ns, name).context("pod vanished")?;
+        if !Self::is_ready(&pod) {
+            bail!("pod {ns}/{name} failed: {:?}", pod.status.and_then(|s| s.message));
+        }
+        Ok(pod)
+    }
+
+    /// Deletes a pod; its StatefulSet recreates it with a new IP. Returns the old pod.
+    pub fn delete_pod(&self, name: &str) -> Result<Pod> {
+        self.kubelet.delete_pod("default", name).with_context(|| format!("no pod {name}"))
+    }
+
+    /// Answers `verb resource` (e.g. "get", "pods") with 403 from now on.
+    pub fn forbid(&self, verb: &str, resource: &str) {
+        self.state.forbidden.lock().unwrap().insert((verb.into(), resource.into()));
+    }
+
+    pub fn allow_all(&self) {
+        self.state.forbidden.lock().unwrap().clear();
+    }
+
+    /// Restarts the API server: every connection and port-forward drops; it is back on the
+    /// same port after `down_for`.
+    pub fn restart_api_server(&self, down_for: Duration) -> Result<()> {
+        self.runtime.block_on(self.server.restart(down_for))
+    }
+
+    /// Drops every open port-forward stream abruptly; returns how many.
+    pub fn drop_port_forwards(&self) -> usize {
+        self.state.drop_port_forwards()
+    }
+
+    pub fn active_port_forwards(&self) -> usize {
+        self.state.active_port_forwards()
+    }
+
+    /// `beamredir ARGS` in the workstation namespace, against this cluster's kubeconfig.
+    pub fn beamredir(&self, state_dir: &std::path::Path) -> Command {
+        let mut cmd = self.ws.command(beamredir_bin());
+        cmd.env("KUBECONFIG", &self.kubeconfig).env("BEAMREDIR_STATE_DIR", state_dir);
+        cmd
+    }
+
+    /// The API server's audit log ("VERB RESOURCE NS/NAME" per request).
+    pub fn audit(&self) -> Vec<String> {
+        self.state.audit.lock().unwrap().clone()
+    }
+}
+
+impl Drop for SimCluster {
+    fn drop(&mut self) {
+        self.kubelet.stop_all();
+    }
+}
