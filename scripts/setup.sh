@@ -42,4 +42,11 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version >/dev/null 
   LLVM_PREFIX="$SYSROOT" cargo +stable install --locked bpf-linker --version 0.13.0 \
     --no-default-features --features "llvm-$llvm_major"
 fi
-log "ok (nightly rust-src, bpf-linker, Debian packages)"
+# The official Python Kubernetes client: an independent check of the simulated API server.
+if ! python3 -c "import kubernetes" >/dev/null 2>&1; then
+  log "installing the Python kubernetes client (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "kubernetes==37.0.2"
+fi
+# kubectl (the other independent client) ships with these machines; say so if it is missing.
+command -v kubectl >/dev/null 2>&1 || log "warning: kubectl not found; the kubectl fidelity test will fail"
+log "ok (nightly rust-src, bpf-linker, Debian packages, Python kubernetes client)"

@@ -138,7 +138,8 @@ impl Hierarchy {
             }
             let procs = self.open_procs(target)?;
             for pid in pids {
-                log::info!("moving process {pid} out of {rel} to {target}");
+                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                log::info!("process {pid} ({}) outlived the session; moving it from {rel} to {target}", comm.trim());
                 // The process may have exited meanwhile (ESRCH): nothing to move then.
                 let _ = nix::unistd::write(procs.as_fd(), pid.to_string().as_bytes());
             }

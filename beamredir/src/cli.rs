@@ -176,6 +176,9 @@ pub fn init_logging(cli: &Cli) {
         .filter_level(log::LevelFilter::Warn)
         .filter_module("beamredir", level)
         .filter_module("beamredir_ebpf", level)
+        // kube logs the failures beamredir reports itself (one line each): only with -v.
+        .filter_module("kube_client", if cli.verbose > 0 { level } else { log::LevelFilter::Off })
+        .filter_module("kube_runtime", if cli.verbose > 0 { level } else { log::LevelFilter::Off })
         .format(|buf, record| writeln!(buf, "beamredir: {}: {}", record.level().as_str().to_lowercase(), record.args()))
         .init();
 }

@@ -9,7 +9,9 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("beamredir: error: {e:#}");
+            // One line, whatever the causes contain.
+            let text = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("beamredir: error: {text}");
             ExitCode::from(1)
         }
     }

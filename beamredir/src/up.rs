@@ -52,7 +52,13 @@ impl Pods {
         let pods = Pods { cluster, dist_port, pods: Arc::new(Mutex::new(BTreeMap::new())) };
         for name in names {
             let pod = pod::get(&pods.cluster, name).await?;
-            let target = PodTarget::from_pod(&pod, dist_port)?;
+            let mut target = PodTarget::from_pod(&pod, dist_port)?;
+            // One round trip through a real port-forward: fails fast on 403, an unreachable
+            // pod or no epmd, and tells the dist port when the pod spec does not.
+            let registered = portforward::epmd_names(&pods.cluster, name, target.epmd_port).await?;
+            if target.dist_port.is_none() {
+                target.dist_port = dist_port_from_epmd(&target, &registered);
+            }
             target.require_dist_port()?;
             let mut state = PodState { target: None, state: "Running".into(), forwards: BTreeMap::new() };
             pods.ensure_forwards(&target, &mut state).await?;
@@ -190,6 +196,16 @@ impl Pods {
         if let Err(e) = session.lock().unwrap().set_redirects(mappings) {
             log::warn!("updating redirects: {e}");
         }
+    }
+}
+
+/// The dist port of the node epmd knows under the pod's node name, or of its only node.
+fn dist_port_from_epmd(target: &PodTarget, registered: &[(String, u16)]) -> Option<u16> {
+    let short = target.node_name.as_deref().and_then(|n| n.split('@').next());
+    match short {
+        Some(short) => registered.iter().find(|(n, _)| n == short).map(|(_, p)| *p),
+        None if registered.len() == 1 => Some(registered[0].1),
+        None => None,
     }
 }
 

@@ -26,7 +26,7 @@ pub enum K8sError {
     #[error("pod {namespace}/{name} is not ready: {why}")]
     PodNotReady { name: String, namespace: String, why: String },
     #[error(
-        "no Erlang distribution port known for pod {namespace}/{name}: pass --dist-port PORT, name a container port `erlang` or `dist`, or set ERL_PORT in the container"
+        "no Erlang distribution port known for pod {namespace}/{name} (the pod spec names none and its epmd has no node registered): pass --dist-port PORT, name a container port `erlang` or `dist`, or set ERL_PORT in the container"
     )]
     NoDistPort { name: String, namespace: String },
     #[error("Kubernetes API error for {verb} {resource}: {message}")]
@@ -35,12 +35,14 @@ pub enum K8sError {
     PortForward { pod: String, port: u16, reason: String },
 }
 
-/// Renders an error chain on one line.
+/// Renders an error chain on one line (only the first line of each cause: parsers add
+/// multi-line source excerpts).
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
+    let first_line = |e: &dyn std::error::Error| e.to_string().lines().next().unwrap_or("").trim().to_string();
+    let mut parts = vec![first_line(e)];
     let mut source = e.source();
     while let Some(s) = source {
-        let text = s.to_string();
+        let text = first_line(s);
         if !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }

@@ -14,7 +14,7 @@ use kube::client::Connection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Cluster, error::{K8sError, transport}};
+use super::{Cluster, error::{K8sError, classify}};
 use crate::forward::ConnStats;
 
 const DATA: u8 = 0;
@@ -41,7 +41,8 @@ pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<Connection,
         kube::Error::UpgradeConnection(kube::client::UpgradeConnectionError::ProtocolSwitch(code)) => {
             K8sError::PortForward { pod: pod.into(), port, reason: format!("the API server answered {code} instead of switching protocols (pod gone or not running?)") }
         }
-        other => transport(&other, &cluster.url),
+        // A non-101 answer with a Status body (403, 404, …).
+        other => classify(other, &cluster.url, "create", "pods/portforward", &cluster.namespace),
     })
 }
 
@@ -159,3 +160,39 @@ where
     result
 }
 
+
+/// Asks the pod's epmd for its registered nodes (NAMES_REQ) through a port-forward. This
+/// checks the whole path up front (API server, permission to port-forward, the pod's epmd) in
+/// one round trip, and tells which distribution port each node listens on.
+pub async fn epmd_names(cluster: &Cluster, pod: &str, epmd_port: u16) -> Result<Vec<(String, u16)>, K8sError> {
+    let fail = |reason: String| K8sError::PortForward { pod: pod.to_string(), port: epmd_port, reason };
+    let conn = open(cluster, pod, epmd_port).await?;
+    let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
+    let relay = tokio::spawn(relay(conn, theirs, epmd_port, Arc::new(ConnStats::default())));
+    let exchange = async {
+        ours.write_all(&[0, 1, b'n']).await?;
+        let mut answer = Vec::new();
+        ours.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| fail("no answer from the pod's epmd within 10 s".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    match relay.await {
+        Ok(Ok(Ended::PodError(e))) => return Err(fail(e.trim().to_string())),
+        Ok(Err(e)) => return Err(fail(e)),
+        _ => {}
+    }
+    if answer.len() < 4 {
+        return Err(fail("the pod's epmd closed without answering (is epmd running in the pod?)".into()));
+    }
+    Ok(String::from_utf8_lossy(&answer[4..])
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("name ")?;
+            let (name, port) = rest.rsplit_once(" at port ")?;
+            Some((name.to_string(), port.trim().parse().ok()?))
+        })
+        .collect())
+}

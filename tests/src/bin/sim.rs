@@ -1,6 +1,10 @@
 //! `beamredir-sim [MANIFEST]`: runs the simulated cluster until Ctrl-C, for trying beamredir
 //! by hand. Prints the kubeconfig and the workstation namespace to use.
 fn main() -> anyhow::Result<()> {
+    // Block SIGINT/SIGTERM before any thread exists, so every thread inherits the mask and
+    // the signal is only ever taken by the waiting thread: the cluster then shuts down cleanly.
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc_wait(tx)?;
     let manifest = match std::env::args().nth(1) {
         Some(path) => std::fs::read_to_string(&path)?,
         None => beamredir_testbed::cluster::EXAMPLE_MANIFEST.to_string(),
@@ -14,9 +18,8 @@ fn main() -> anyhow::Result<()> {
         println!("pod {}/{}  {}  {}", p.metadata.namespace.unwrap_or_default(), p.metadata.name.unwrap_or_default(), st.pod_ip.unwrap_or_default(), st.phase.unwrap_or_default());
     }
     println!("Ctrl-C to stop.");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let _ = ctrlc_wait(tx);
     let _ = rx.recv();
+    drop(cluster);
     Ok(())
 }
 
