@@ -1,39 +1,48 @@
-//! The demo behind the README's first command (`cargo xtask demo`), also run by the tests:
-//! a "pod" namespace runs `app@POD_IP`; a workstation namespace with no route to it runs a
-//! local `erl` inside `beamredir map`, which pings and rpc-calls the pod node.
+//! The demo behind the README's first command (`cargo xtask demo`): a simulated Kubernetes
+//! cluster runs docs/examples/statefulset.yaml (pod app-0, a real Elixir node with its own
+//! IP and epmd); the workstation namespace reaches only the API server. `beamredir up --pod
+//! app-0` port-forwards through the API server and redirects the pod IP, and a local `erl`
+//! pings and rpc-calls the pod node.
 use std::process::Stdio;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
-use crate::{COOKIE, TestBed};
+use crate::{TempDir, cluster::{EXAMPLE_MANIFEST, SimCluster}};
 
 /// Runs the demo, printing what happens; fails if the local node did not get through.
 pub fn run() -> Result<()> {
-    let bed = TestBed::start()?;
-    let pod = &bed.pod;
-    println!("== beamredir demo ==");
-    println!("pod:          node {} in network namespace {} (its own epmd on 4369, dist port {})", pod.node, pod.ns.name(), pod.dist_port);
-    println!("workstation:  network namespace {} with no route to {}", bed.ws.name(), pod.ip);
-    println!("port-forwards (stand-ins): 127.0.0.1:{} -> pod:4369, 127.0.0.1:{} -> pod:{}", bed.epmd_relay.port, bed.dist_relay.port, pod.dist_port);
-    let mappings = bed.mappings();
-    println!("\n$ sudo beamredir map {} -- erl -name debug@127.0.0.1 -hidden -setcookie … -eval …", mappings.join(" "));
-    let node = &pod.node;
+    println!("== beamredir demo: a local Erlang node joins a pod of a (simulated) Kubernetes cluster ==\n");
+    let cluster = SimCluster::start(EXAMPLE_MANIFEST)?;
+    let state = TempDir::new("brdemo")?;
+    let ip = cluster.pod_ip("app-0").context("pod app-0 has no IP")?;
+    let node = format!("app@{ip}");
+    println!("API server {} (kubeconfig {}), reachable from workstation namespace {} only.", cluster.url, cluster.kubeconfig.display(), cluster.ws.name());
+    println!("The workstation has no route to {ip}.\n");
+    println!("$ kubectl get pods -o wide");
+    let out = cluster.ws.command("kubectl").arg("--kubeconfig").arg(&cluster.kubeconfig).args(["get", "pods", "-o", "wide"]).output();
+    match out {
+        Ok(o) => print!("{}", String::from_utf8_lossy(&o.stdout)),
+        Err(e) => println!("(kubectl not available: {e})"),
+    }
     let script = format!(
         "io:format(\"net_adm:ping('{node}') -> ~p~n\", [net_adm:ping('{node}')]), \
          io:format(\"rpc:call('{node}', erlang, node, []) -> ~p~n\", [rpc:call('{node}', erlang, node, [])]), \
-         io:format(\"rpc:call('{node}', erlang, system_info, [otp_release]) -> ~p~n\", [rpc:call('{node}', erlang, system_info, [otp_release])]), \
+         io:format(\"rpc:call('{node}', 'Elixir.System', version, []) -> ~p~n\", [rpc:call('{node}', 'Elixir.System', version, [])]), \
          halt()."
     );
-    let out = crate::run(bed
-        .beamredir()
-        .args(["map", "--session", &crate::unique("demo")])
-        .args(&mappings)
-        .args(["--", "erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", &script])
-        .env("HOME", bed.erl_home())
-        .stdin(Stdio::null()))?;
+    println!("\n$ sudo beamredir up --pod app-0 -- erl -name debug@127.0.0.1 -setcookie secret -hidden -eval …");
+    let out = cluster
+        .beamredir(state.path())
+        .args(["up", "--pod", "app-0", "--session", &crate::unique("demo"), "--"])
+        .args(["erl", "-name", "debug@127.0.0.1", "-setcookie", "secret", "-hidden", "-noshell", "-eval", &script])
+        .env("HOME", state.path())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     print!("{text}");
-    ensure!(text.contains("-> pong"), "the local node did not reach the pod node");
-    println!("\nThe local node reached {node} through the eBPF connect() redirect: no iptables, no route, only this session's processes redirected.");
+    ensure!(out.status.success() && text.contains("-> pong"), "the local node did not reach {node}");
+    println!("\nThe local node reached {node} through a WebSocket port-forward and the eBPF connect() redirect:");
+    println!("no iptables, no route, only that session's processes redirected, nothing left behind.");
     Ok(())
 }
