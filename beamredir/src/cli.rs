@@ -196,6 +196,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Map(args) => {
             mapping::check_unique(&args.mappings)?;
             require_root("map")?;
+            if let Some(program) = args.command.first() {
+                runas::check_program(program)?;
+            }
             let opts = SessionOptions {
                 name: args.scope.session.clone(),
                 scope: args.scope.request(),
@@ -214,6 +217,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Up(args) => {
             require_root("up")?;
             beamredir::session::validate_name(&args.scope.session)?;
+            if let Some(program) = args.command.first() {
+                runas::check_program(program)?;
+            }
             let runtime = runtime()?;
             let result = runtime.block_on(up(state, args, cli.verbose > 0));
             runtime.shutdown_timeout(Duration::from_secs(1));

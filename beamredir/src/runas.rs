@@ -20,6 +20,21 @@ pub enum RunAsError {
     Lookup(String, nix::Error),
     #[error("no command given: put it after `--`, e.g. `-- erl -name debug@127.0.0.1`")]
     NoCommand,
+    #[error("command {0:?} not found (not a file, or not in PATH)")]
+    NotFound(String),
+}
+
+/// Checks that `program` can be started (a path to an executable file, or found in PATH), so
+/// a typo is refused before a session is set up for it.
+pub fn check_program(program: &str) -> Result<(), RunAsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let found = if program.contains('/') {
+        executable(std::path::Path::new(program))
+    } else {
+        std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(program))))
+    };
+    if found { Ok(()) } else { Err(RunAsError::NotFound(program.to_string())) }
 }
 
 /// The identity commands run as.
