@@ -116,13 +116,26 @@ pub struct MapArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["pods", "statefulset", "selector", "service"])))]
 pub struct UpArgs {
     /// Pod to reach (repeatable).
-    #[arg(long = "pod", short = 'p', required = true, value_name = "NAME")]
+    #[arg(long = "pod", short = 'p', value_name = "NAME")]
     pub pods: Vec<String>,
-    /// The pods' Erlang distribution port (default: a container port named `erlang`/`dist`, else ERL_PORT).
+    /// Every pod of this StatefulSet, followed as it scales and restarts.
+    #[arg(long, value_name = "NAME")]
+    pub statefulset: Option<String>,
+    /// Every pod matching this label selector (kubectl's -l).
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub selector: Option<String>,
+    /// Every pod behind this Service (e.g. the headless Service of a StatefulSet).
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// The pods' Erlang distribution port (default: a container port named `erlang`/`dist`, else ERL_PORT, else what the pod's epmd says).
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub dist_port: Option<u16>,
+    /// The cluster's DNS domain, for names like app-0.app.default.svc.cluster.local.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
     #[command(flatten)]
     pub kube: beamredir::k8s::KubeArgs,
     #[command(flatten)]
@@ -204,6 +217,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 scope: args.scope.request(),
                 mappings: args.mappings,
                 load: LoadOptions { log_rewrites: cli.verbose > 0, ..Default::default() },
+                inetrc: None,
             };
             let runtime = runtime()?;
             let result = runtime.block_on(async {
@@ -280,20 +294,34 @@ struct Extras {
 }
 
 async fn up(state: StateDir, args: UpArgs, verbose: bool) -> Result<i32> {
-    use beamredir::{k8s::Cluster, up::Pods};
+    use beamredir::{
+        dns::DnsFiles,
+        k8s::Cluster,
+        up::{PodSource, Pods, UpConfig},
+    };
+    let source = match (&args.statefulset, &args.selector, &args.service) {
+        (Some(sts), _, _) => PodSource::StatefulSet(sts.clone()),
+        (_, Some(sel), _) => PodSource::Selector(sel.clone()),
+        (_, _, Some(svc)) => PodSource::Service(svc.clone()),
+        _ => PodSource::Names(args.pods.clone()),
+    };
     let cluster = Cluster::connect(&args.kube).await?;
     log::debug!("kubeconfig {}, API server {}, namespace {}", cluster.source, cluster.url, cluster.namespace);
-    let pods = Pods::resolve(cluster, &args.pods, args.dist_port).await?;
+    let config = UpConfig { source, dist_port: args.dist_port, cluster_domain: args.cluster_domain.clone() };
+    let pods = Pods::resolve(cluster, config).await?;
+    let dns = DnsFiles::new(state.root(), &args.scope.session);
     let opts = SessionOptions {
         name: args.scope.session.clone(),
         scope: args.scope.request(),
         mappings: pods.mappings(),
         load: LoadOptions { log_rewrites: verbose, ..Default::default() },
+        inetrc: Some(dns.inetrc.clone()),
     };
     let session = ActiveSession::start(state, opts)?;
+    pods.write_dns(dns).context("writing the session's inetrc")?;
     let banner = session_banner(&session, Some(&pods));
     let session = Arc::new(Mutex::new(session));
-    let tasks = pods.follow(session.clone());
+    let tasks = pods.follow(&session);
     let decorate_pods = pods.clone();
     let extras = Extras { banner, decorate: Some(Arc::new(move |s: &mut SessionStatus| decorate_pods.decorate(s))), tasks };
     serve_shared_session(session, args.command, extras, verbose).await
@@ -326,14 +354,14 @@ async fn serve_until_done(session: &Arc<Mutex<ActiveSession>>, command: Vec<Stri
     if verbose {
         start_ebpf_logger(&session.lock().unwrap());
     }
-    let (name, socket_path, cgroup_join, scope) = {
+    let (name, socket_path, cgroup_join, scope, env) = {
         let s = session.lock().unwrap();
         let record = s.record();
         let join = match &record.scope {
             Scope::Global => None,
             scope => Some(s.hierarchy().open_procs(scope.cgroup())?),
         };
-        (record.name.clone(), s.state().socket_path(&record.name), join, record.scope.clone())
+        (record.name.clone(), s.state().socket_path(&record.name), join, record.scope.clone(), session_env(record))
     };
     let (down_tx, mut down_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let handler_session = Arc::downgrade(session);
@@ -372,7 +400,6 @@ async fn serve_until_done(session: &Arc<Mutex<ActiveSession>>, command: Vec<Stri
         }
         0
     } else {
-        let env = vec![("BEAMREDIR_SESSION".to_string(), name.clone())];
         let cmd = runas::command(&command, cgroup_join, identity.as_ref(), &env)?;
         let mut child = tokio::process::Command::from(cmd)
             .spawn()
@@ -425,6 +452,16 @@ fn start_ebpf_logger(session: &ActiveSession) {
     }
 }
 
+/// The environment of commands run in a session: its name, and the inetrc with the pods'
+/// cluster DNS names for Erlang nodes.
+fn session_env(record: &SessionRecord) -> Vec<(String, String)> {
+    let mut env = vec![("BEAMREDIR_SESSION".to_string(), record.name.clone())];
+    if let Some(inetrc) = &record.inetrc {
+        env.push(("ERL_INETRC".to_string(), inetrc.display().to_string()));
+    }
+    env
+}
+
 fn describe_scope(scope: &Scope) -> String {
     match scope {
         Scope::Session { cgroup } => format!("cgroup {cgroup}"),
@@ -452,12 +489,25 @@ fn session_banner(session: &ActiveSession, pods: Option<&beamredir::up::Pods>) -
         _ => out.push_str(&format!("  cgroup    {}\n", session.cgroup_path().display())),
     }
     if let Some(pods) = pods {
-        if let Some(t) = pods.targets().first() {
+        let targets = pods.targets();
+        let fqdn = |t: &beamredir::k8s::pod::PodTarget| {
+            beamredir::dns::pod_names(t.hostname.as_deref(), t.subdomain.as_deref(), &t.namespace, "", t.ip).map(|n| n.names[1].clone())
+        };
+        if let Some(inetrc) = &record.inetrc {
+            if targets.iter().any(|t| fqdn(t).is_some()) {
+                out.push_str(&format!("  dns       cluster names of the pods (e.g. {}.<domain>) in {}\n", fqdn(&targets[0]).unwrap_or_default(), inetrc.display()));
+            }
+        }
+        if let Some(t) = targets.first() {
             let node = t.node_name.clone().unwrap_or_else(|| format!("NAME@{}", t.ip));
             out.push_str("Connect (in the session: the command after `--`, `beamredir shell` or `beamredir exec`):\n");
             out.push_str(&format!("  iex --name debug@127.0.0.1 --cookie \"$COOKIE\" --hidden --remsh {node}\n"));
             out.push_str(&format!("  erl -name debug@127.0.0.1 -setcookie \"$COOKIE\" -hidden -remsh {node}\n"));
-            out.push_str("  (-hidden: the local node does not join the pods' global mesh; $COOKIE is the cluster's cookie)\n");
+            out.push_str("  -hidden: your node does not become part of the cluster (global would mesh it with every pod);\n");
+            out.push_str("  $COOKIE: the cluster's cookie (e.g. from its Secret); beamredir never prints one.\n");
+            if let Some(inetrc) = &record.inetrc {
+                out.push_str(&format!("  Outside the session's commands, add: -kernel inetrc '\"{}\"'\n", inetrc.display()));
+            }
         }
     }
     if !matches!(record.scope, Scope::Global) {
@@ -475,8 +525,7 @@ fn exec_in_session(state: &StateDir, name: Option<&str>, argv: Vec<String>) -> R
         scope => Some(hierarchy.open_procs(scope.cgroup())?),
     };
     let identity = Identity::invoking_user()?;
-    let env = vec![("BEAMREDIR_SESSION".to_string(), record.name.clone())];
-    let mut cmd = runas::command(&argv, join, identity.as_ref(), &env)?;
+    let mut cmd = runas::command(&argv, join, identity.as_ref(), &session_env(&record))?;
     let err = cmd.exec();
     bail!("starting {:?}: {err}", argv[0])
 }

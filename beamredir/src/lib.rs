@@ -10,6 +10,7 @@
 //! * [`doctor`]: checking the host can run beamredir.
 pub mod cgroup;
 pub mod control;
+pub mod dns;
 pub mod doctor;
 pub mod epmd;
 pub mod forward;

@@ -84,6 +84,9 @@ pub struct SessionRecord {
     /// The cgroup beamredir itself was in; leftover processes go back there.
     pub origin_cgroup: String,
     pub redirects: Vec<Mapping>,
+    /// The Erlang inetrc with the pods' cluster DNS names (`up` sessions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inetrc: Option<PathBuf>,
 }
 
 impl SessionRecord {
@@ -155,8 +158,10 @@ impl StateDir {
         fs::rename(&tmp, self.record_path(&record.name)).map_err(self.err())
     }
 
+    /// Removes every file of a session: record, socket, DNS files.
     pub fn remove(&self, name: &str) {
         let _ = fs::remove_file(self.socket_path(name));
+        crate::dns::DnsFiles::new(&self.root, name).remove();
         let _ = fs::remove_file(self.record_path(name));
     }
 
@@ -226,6 +231,7 @@ pub struct SessionOptions {
     pub scope: ScopeRequest,
     pub mappings: Vec<Mapping>,
     pub load: LoadOptions,
+    pub inetrc: Option<PathBuf>,
 }
 
 /// A running session: programs attached, map filled. Dropping it tears everything down.
@@ -268,6 +274,7 @@ impl ActiveSession {
             scope,
             origin_cgroup: Hierarchy::cgroup_of(pid)?,
             redirects: opts.mappings,
+            inetrc: opts.inetrc,
         };
         // From here on, dropping `session` undoes whatever was done.
         state.write(&record)?;
@@ -470,6 +477,7 @@ mod tests {
             scope: Scope::Global,
             origin_cgroup: "/".into(),
             redirects: vec![],
+            inetrc: None,
         };
         assert!(r.is_alive());
         r.pid_start += 1;

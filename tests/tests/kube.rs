@@ -52,6 +52,22 @@ fn up_pod_pings_rpcs_and_round_trips_32_mib() -> Result<()> {
 }
 
 #[test]
+fn up_by_service_reaches_the_pods_behind_it() -> Result<()> {
+    let cluster = SimCluster::start(EXAMPLE_MANIFEST)?;
+    let state = TempDir::new("brstate")?;
+    let node = format!("app@{}", cluster.pod_ip("app-0").context("pod IP")?);
+    let script = format!("io:format(\"ping=~p~n\", [net_adm:ping('{node}')]), halt().");
+    let out = run(cluster
+        .beamredir(state.path())
+        .args(["up", "--service", "app", "--session", &unique("svc"), "--"])
+        .args(erl(&script))
+        .env("HOME", state.path())
+        .stdin(Stdio::null()))?;
+    assert!(text(&out).contains("ping=pong"), "{}", text(&out));
+    Ok(())
+}
+
+#[test]
 fn iex_remsh_through_up_runs_an_expression_on_the_pod_node() -> Result<()> {
     let cluster = SimCluster::start(EXAMPLE_MANIFEST)?;
     let state = TempDir::new("brstate")?;
@@ -247,6 +263,12 @@ fn every_bad_kubernetes_input_gets_one_clear_line_and_leaves_nothing() -> Result
         (vec!["--kubeconfig".into(), wrong_ca.display().to_string(), "--pod".into(), "app-0".into()], format!("TLS failure talking to the Kubernetes API server at https://127.0.0.1:{port}")),
         (vec!["--context".into(), "sim-badtoken".into(), "--pod".into(), "app-0".into()], "rejected our credentials (401 Unauthorized) for get pods".into()),
         (vec!["--pod".into(), "app-0".into(), "--dist-port".into(), "0".into()], "invalid value '0' for '--dist-port <PORT>'".into()),
+        (vec!["--statefulset".into(), "nope".into()], "statefulset \"nope\" not found in namespace \"default\"".into()),
+        (vec!["--service".into(), "nope".into()], "service \"nope\" not found in namespace \"default\"".into()),
+        (vec!["-l".into(), "app=nope".into()], "no pods match selector \"app=nope\" (selector app=nope) in namespace \"default\"".into()),
+        (vec!["-l".into(), "a in b".into()], "unable to parse requirement".into()),
+        (vec!["--pod".into(), "app-0".into(), "--statefulset".into(), "app".into()], "the argument '--pod <NAME>' cannot be used with '--statefulset <NAME>'".into()),
+        (vec![], "the following required arguments were not provided".into()),
     ];
     let check = |args: &[String], says: &str| -> Result<()> {
         let out = cluster.beamredir(state.path()).args(["up", "--session", &session]).args(args).args(["--", "true"]).output()?;

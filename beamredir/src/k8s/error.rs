@@ -19,6 +19,10 @@ pub enum K8sError {
     Unauthorized { url: String, verb: String, resource: String, message: String },
     #[error("forbidden (403): you may not {verb} {resource} in namespace {namespace:?}: {message}")]
     Forbidden { verb: String, resource: String, namespace: String, message: String },
+    #[error("{what} not found in namespace {namespace:?}")]
+    NotFound { what: String, namespace: String },
+    #[error("no pods match {what} in namespace {namespace:?}")]
+    NoPods { what: String, namespace: String },
     #[error("namespace {0:?} not found; see `kubectl get namespaces`")]
     NamespaceNotFound(String),
     #[error("pod {name:?} not found in namespace {namespace:?}{suggestions}")]

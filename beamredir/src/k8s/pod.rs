@@ -26,6 +26,10 @@ pub struct PodTarget {
     pub dist_port: Option<u16>,
     /// The node's name as its command line gives it (`app@10.244.0.5`), when it can be read.
     pub node_name: Option<String>,
+    /// `spec.hostname` and `spec.subdomain` (set by the StatefulSet controller): with the
+    /// namespace they make the pod's cluster DNS name.
+    pub hostname: Option<String>,
+    pub subdomain: Option<String>,
 }
 
 impl PodTarget {
@@ -62,6 +66,8 @@ impl PodTarget {
             .or_else(|| named_port(containers, &["erlang", "dist"]))
             .or_else(|| containers.iter().find_map(|c| env_value(c, "ERL_PORT")?.parse().ok()));
         Ok(PodTarget {
+            hostname: pod.spec.as_ref().and_then(|s| s.hostname.clone()),
+            subdomain: pod.spec.as_ref().and_then(|s| s.subdomain.clone()),
             uid: pod.metadata.uid.clone().unwrap_or_default(),
             node_name: node_name(pod, containers, ip),
             name,
@@ -155,6 +161,57 @@ fn node_name(pod: &Pod, containers: &[Container], ip: Ipv4Addr) -> Option<String
         }
     }
     None
+}
+
+/// The label selector of a StatefulSet (`spec.selector.matchLabels` and `matchExpressions`).
+pub async fn statefulset_selector(cluster: &Cluster, name: &str) -> Result<String, K8sError> {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    let api: Api<StatefulSet> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let sts = match api.get_opt(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Err(K8sError::NotFound { what: format!("statefulset {name:?}"), namespace: cluster.namespace.clone() }),
+        Err(e) => return Err(classify(e, &cluster.url, "get", "statefulsets.apps", &cluster.namespace)),
+    };
+    Ok(label_selector_string(&sts.spec.selector))
+}
+
+/// The selector of a Service (the pods behind it).
+pub async fn service_selector(cluster: &Cluster, name: &str) -> Result<String, K8sError> {
+    use k8s_openapi::api::core::v1::Service;
+    let api: Api<Service> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let svc = match api.get_opt(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Err(K8sError::NotFound { what: format!("service {name:?}"), namespace: cluster.namespace.clone() }),
+        Err(e) => return Err(classify(e, &cluster.url, "get", "services", &cluster.namespace)),
+    };
+    let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
+    if selector.is_empty() {
+        return Err(K8sError::Api { verb: "get".into(), resource: "services".into(), message: format!("service {name:?} has no selector, so no pods belong to it") });
+    }
+    Ok(selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+}
+
+fn label_selector_string(sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> String {
+    let mut parts: Vec<String> = sel.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    for e in sel.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}
+
+/// Pods matching a label selector.
+pub async fn list(cluster: &Cluster, selector: &str) -> Result<Vec<Pod>, K8sError> {
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    api.list(&ListParams::default().labels(selector))
+        .await
+        .map(|l| l.items)
+        .map_err(|e| classify(e, &cluster.url, "list", "pods", &cluster.namespace))
 }
 
 /// Fetches a pod. When it does not exist, says whether the namespace does and lists the pods

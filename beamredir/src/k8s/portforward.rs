@@ -46,6 +46,29 @@ pub async fn open(cluster: &Cluster, pod: &str, port: u16) -> Result<Connection,
     })
 }
 
+/// Watches the bytes of a relayed connection as they pass: the epmd forward uses it to learn
+/// distribution ports and set up their redirects before the answer reaches the local node.
+pub trait Inspector: Clone + Send + Sync + 'static {
+    /// Bytes from the local side, before they go to the pod.
+    fn to_pod(&self, bytes: &[u8]);
+    /// Bytes from the pod; they reach the local side when the returned future completes.
+    fn from_pod(&self, bytes: &[u8]) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    /// The pod side closed (after its last bytes were relayed).
+    fn pod_closed(&self);
+}
+
+/// Passes everything through untouched.
+#[derive(Clone)]
+pub struct NoInspection;
+
+impl Inspector for NoInspection {
+    fn to_pod(&self, _: &[u8]) {}
+    fn from_pod(&self, _: &[u8]) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(std::future::ready(()))
+    }
+    fn pod_closed(&self) {}
+}
+
 /// How a relayed connection ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -60,6 +83,14 @@ pub async fn relay<S>(conn: Connection, local: S, port: u16, stats: Arc<ConnStat
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    relay_inspected(conn, local, port, stats, NoInspection).await
+}
+
+/// [`relay`], showing the bytes to `inspector` on their way.
+pub async fn relay_inspected<S, I: Inspector>(conn: Connection, local: S, port: u16, stats: Arc<ConnStats>, inspector: I) -> Result<Ended, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let can_half_close = conn.supports_stream_close();
     let (mut sink, mut stream) = conn.into_stream().split();
     let (mut local_rd, mut local_wr) = tokio::io::split(local);
@@ -68,6 +99,7 @@ where
     let up_stats = stats.clone();
     let local_eof = Arc::new(tokio::sync::Notify::new());
     let local_eof_tx = local_eof.clone();
+    let up_inspector = inspector.clone();
     let mut to_pod = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(FRAME + 1);
         loop {
@@ -79,6 +111,7 @@ where
                 Ok(n) => n,
             };
             buf.truncate(n + 1);
+            up_inspector.to_pod(&buf[1..]);
             if sink.send(Message::Binary(buf.split().freeze())).await.is_err() {
                 return None;
             }
@@ -137,6 +170,7 @@ where
                 }
             }
             DATA => {
+                inspector.from_pod(payload).await;
                 if local_wr.write_all(payload).await.is_err() {
                     break;
                 }
@@ -147,6 +181,7 @@ where
         }
     }
     let _ = local_wr.shutdown().await;
+    inspector.pod_closed();
     // The pod side is done; whatever the local side still sends has nowhere to go.
     if !to_pod.is_finished() {
         to_pod.abort();

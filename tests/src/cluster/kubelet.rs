@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, TcpStream},
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, Ordering},
@@ -39,6 +39,13 @@ struct RunningPod {
 }
 
 pub struct Kubelet {
+    /// The node: a namespace with bridge `br0` (10.244.SUBNET.1/24) joining every pod's eth0, so
+    /// pods reach each other (and nothing else: no route leads out).
+    node: Netns,
+    /// Cluster DNS as pods see it (what CoreDNS would answer for the headless Services): a
+    /// hosts file their BEAM nodes read through ERL_INETRC.
+    cluster_hosts: PathBuf,
+    cluster_inetrc: PathBuf,
     store: Arc<Store>,
     /// Pod IPs are 10.244.SUBNET.N, N counting up: every new pod gets a new address.
     subnet: u8,
@@ -79,8 +86,19 @@ fn uid() -> String {
 }
 
 impl Kubelet {
-    pub fn new(store: Arc<Store>, subnet: u8, dir: PathBuf) -> Self {
-        Kubelet {
+    pub fn new(store: Arc<Store>, subnet: u8, dir: PathBuf) -> Result<Self> {
+        let node = Netns::new("brnode")?;
+        crate::run(Command::new("ip").args(["-n", node.name(), "link", "add", "br0", "type", "bridge"]))?;
+        crate::run(Command::new("ip").args(["-n", node.name(), "addr", "add", &format!("10.244.{subnet}.1/24"), "dev", "br0"]))?;
+        crate::run(Command::new("ip").args(["-n", node.name(), "link", "set", "br0", "up"]))?;
+        let cluster_hosts = dir.join("cluster.hosts");
+        let cluster_inetrc = dir.join("cluster.inetrc");
+        std::fs::write(&cluster_hosts, "")?;
+        std::fs::write(&cluster_inetrc, format!("{{hosts_file, {:?}}}.\n{{lookup, [file, native]}}.\n", cluster_hosts.display().to_string()))?;
+        Ok(Kubelet {
+            node,
+            cluster_hosts,
+            cluster_inetrc,
             store,
             subnet,
             next_host: AtomicU32::new(10),
@@ -88,6 +106,32 @@ impl Kubelet {
             running: Mutex::new(HashMap::new()),
             statefulsets: Mutex::new(BTreeMap::new()),
             stopping: false.into(),
+        })
+    }
+
+    /// Plugs a pod's namespace into the node's bridge: eth0 with IP/24.
+    fn plug(&self, pod_ns: &Netns, ip: Ipv4Addr) -> Result<()> {
+        let host_if = format!("vp{}", ip.octets()[3]);
+        let ip_cmd = |args: &[&str]| crate::run(Command::new("ip").args(args)).map(|_| ());
+        let _ = Command::new("ip").args(["-n", self.node.name(), "link", "del", &host_if]).output();
+        ip_cmd(&["-n", self.node.name(), "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", pod_ns.name()])?;
+        ip_cmd(&["-n", self.node.name(), "link", "set", &host_if, "master", "br0", "up"])?;
+        ip_cmd(&["-n", pod_ns.name(), "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ip_cmd(&["-n", pod_ns.name(), "link", "set", "eth0", "up"])
+    }
+
+    /// Rewrites the cluster DNS hosts file from the pods that have an IP (atomically).
+    fn update_cluster_dns(&self) {
+        let mut text = String::new();
+        for p in self.store.list_pods(None).0 {
+            let (Some(spec), Some(ip)) = (&p.spec, p.status.as_ref().and_then(|s| s.pod_ip.clone())) else { continue };
+            let (Some(host), Some(sub)) = (&spec.hostname, &spec.subdomain) else { continue };
+            let ns = p.metadata.namespace.clone().unwrap_or_default();
+            text.push_str(&format!("{ip} {host}.{sub}.{ns}.svc.cluster.local {host}.{sub}.{ns}.svc {host}.{sub}.{ns} {host}.{sub}\n"));
+        }
+        let tmp = self.cluster_hosts.with_extension("tmp");
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, &self.cluster_hosts);
         }
     }
 
@@ -183,7 +227,7 @@ impl Kubelet {
         let container = pod.spec.as_ref().and_then(|s| s.containers.first()).cloned().context("pod without containers")?;
         let ip = self.next_ip();
         let netns = Netns::new("brk")?;
-        netns.add_address(ip)?;
+        self.plug(&netns, ip)?;
         let started = now();
         self.store.update_pod(ns, name, |p| {
             let status = p.status.get_or_insert_with(Default::default);
@@ -194,6 +238,7 @@ impl Kubelet {
             status.conditions = Some(conditions(false));
             status.container_statuses = Some(vec![container_status(&container, false)]);
         });
+        self.update_cluster_dns();
         let vars = self.env_for(&pod, &container, ip);
         let argv: Vec<String> = container.command.iter().flatten().chain(container.args.iter().flatten()).map(|a| expand(a, &vars)).collect();
         let (program, args) = argv.split_first().context("container without command")?;
@@ -209,6 +254,7 @@ impl Kubelet {
             .env("HOME", &home)
             .env("LANG", "C.UTF-8")
             .env("HOSTNAME", name)
+            .env("ERL_INETRC", &self.cluster_inetrc)
             .envs(&vars)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -217,6 +263,7 @@ impl Kubelet {
             .with_context(|| format!("starting {program:?}"))?;
         let process = Proc(child);
         let ports: Vec<u16> = container.ports.iter().flatten().filter_map(|p| u16::try_from(p.container_port).ok()).collect();
+        let probe: Option<Vec<String>> = container.readiness_probe.as_ref().and_then(|p| p.exec.as_ref()).and_then(|e| e.command.clone());
         self.running.lock().unwrap().insert((ns.into(), name.into()), RunningPod { _process: process, netns });
         // Readiness: every declared port accepts connections inside the pod.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -225,7 +272,20 @@ impl Kubelet {
                 Some(r) => r.netns.path(),
                 None => return Ok(()), // deleted while starting
             };
-            if ports.iter().all(|&p| dial_in(&netns_path, p).is_ok()) {
+            let probe_ok = || {
+                probe.as_ref().is_none_or(|argv| {
+                    Command::new("nsenter")
+                        .arg(format!("--net={}", netns_path.display()))
+                        .arg("--")
+                        .args(argv)
+                        .env("HOME", &home)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                })
+            };
+            if ports.iter().all(|&p| dial_in(&netns_path, p).is_ok()) && probe_ok() {
                 break;
             }
             if std::time::Instant::now() > deadline {
@@ -283,6 +343,7 @@ impl Kubelet {
         let running = self.running.lock().unwrap().remove(&(ns.to_string(), name.to_string()));
         drop(running); // kills the process and removes the namespace
         self.store.delete_pod(ns, name);
+        self.update_cluster_dns();
         let owner = pod.metadata.owner_references.iter().flatten().find(|o| o.kind == "StatefulSet").map(|o| o.name.clone());
         if let Some(sts) = owner.filter(|_| !self.stopping.load(Ordering::Relaxed)) {
             let ordinal = name.rsplit_once('-').and_then(|(_, i)| i.parse().ok()).unwrap_or(0);

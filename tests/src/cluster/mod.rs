@@ -62,7 +62,7 @@ impl SimCluster {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let subnet = 100 + ((std::process::id() + NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) * 7) % 150) as u8;
         let store = Arc::new(store::Store::new());
-        let kubelet = Arc::new(kubelet::Kubelet::new(store.clone(), subnet, dir.path().to_path_buf()));
+        let kubelet = Arc::new(kubelet::Kubelet::new(store.clone(), subnet, dir.path().to_path_buf())?);
         let pki = pki::Pki::generate()?;
         let token = pki::random_token()?;
         let state = Arc::new(apiserver::ApiState::new(store, kubelet.clone(), token.clone()));

@@ -1,0 +1,220 @@
+//! Issue: the whole Erlang cluster. A StatefulSet of BEAM nodes with random distribution
+//! ports, named by their cluster DNS names, with pods that restart; beamredir follows it all
+//! with nothing but `up --statefulset app`.
+use std::{process::Stdio, time::Duration};
+
+use anyhow::{Context, Result};
+use beamredir_testbed::{Interactive, Proc, TempDir, cluster::SimCluster, run, unique, wait_until};
+
+const MANIFEST: &str = include_str!("../manifests/erlang-cluster.yaml");
+const COOKIE: &str = "secret";
+
+fn fqdn(i: u32) -> String {
+    format!("app@app-{i}.app.default.svc.cluster.local")
+}
+
+fn status_of(cluster: &SimCluster, state: &TempDir, session: &str) -> Option<serde_json::Value> {
+    let out = cluster.beamredir(state.path()).args(["status", "--json"]).output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.as_array()?.iter().find(|s| s["name"] == session).cloned()
+}
+
+/// Waits (through a hidden node, which global leaves alone) until the pods have meshed among
+/// themselves, as a cluster someone joins usually has.
+fn wait_until_pods_meshed(cluster: &SimCluster, state: &TempDir) -> Result<()> {
+    let script = format!(
+        "W = fun W(0) -> timeout; W(N) -> case [length(rpc:call(P, erlang, nodes, [])) || P <- ['{}', '{}', '{}']] of [2,2,2] -> meshed; _ -> timer:sleep(200), W(N-1) end end, \
+         io:format(\"~p~n\", [W(150)]), halt().",
+        fqdn(0), fqdn(1), fqdn(2)
+    );
+    let out = run(cluster
+        .beamredir(state.path())
+        .args(["-q", "up", "--statefulset", "app", "--session", &unique("mesh"), "--"])
+        .args(["erl", "-name", "probe@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", &script])
+        .env("HOME", state.path())
+        .stdin(Stdio::null()))?;
+    anyhow::ensure!(String::from_utf8_lossy(&out.stdout).contains("meshed"), "pods did not mesh: {}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+#[test]
+fn statefulset_with_random_dist_ports_full_mesh_by_dns_name() -> Result<()> {
+    let cluster = SimCluster::start(MANIFEST)?;
+    let state = TempDir::new("brstate")?;
+    wait_until_pods_meshed(&cluster, &state)?;
+    let run_node = |flags: &[&str], script: String| -> Result<(String, String)> {
+        let out = run(cluster
+            .beamredir(state.path())
+            .args(["up", "--statefulset", "app", "--session", &unique("sts"), "--"])
+            .args(["erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-noshell"])
+            .args(flags)
+            .args(["-eval", &script])
+            .env("HOME", state.path())
+            .stdin(Stdio::null()))?;
+        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    let all = format!("['{}','{}','{}']", fqdn(0), fqdn(1), fqdn(2));
+
+    // A hidden node (what the banner recommends) pings every pod by its DNS name.
+    let (stdout, stderr) = run_node(
+        &["-hidden"],
+        format!("Pings = [net_adm:ping(N) || N <- {all}], io:format(\"pings=~p~nnodes=~w~n\", [Pings, lists:sort(nodes(hidden))]), halt()."),
+    )?;
+    assert!(stdout.contains("pings=[pong,pong,pong]"), "{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("nodes={all}")), "{stdout}");
+    // The three dist ports were learned from epmd (the spec names none) and all differ.
+    let dist_ports: std::collections::BTreeSet<String> = stderr
+        .lines()
+        .filter(|l| l.trim_start().starts_with("redirect"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.rsplit(':').next().map(String::from))
+        .filter(|p| p != "4369")
+        .collect();
+    assert_eq!(dist_ports.len(), 3, "{stderr}");
+
+    // A visible node that pings app-0 only: global connects it to app-1 and app-2 itself,
+    // through the redirects. (Pods cannot dial back to a workstation, here as in a real
+    // cluster, so OTP 25's partition prevention is switched off for this node.)
+    let (stdout, _) = run_node(
+        &["-kernel", "prevent_overlapping_partitions", "false"],
+        format!(
+            "pong = net_adm:ping('{}'), \
+             W = fun W(0) -> nodes(); W(N) -> case length(nodes()) >= 3 of true -> nodes(); false -> timer:sleep(200), W(N-1) end end, \
+             io:format(\"mesh=~w~n\", [lists:sort(W(100))]), halt().",
+            fqdn(0)
+        ),
+    )?;
+    assert!(stdout.contains(&format!("mesh={all}")), "global did not mesh the local node with every pod:\n{stdout}");
+    Ok(())
+}
+
+#[test]
+fn statefulset_pod_restart_is_followed_while_other_pods_stay_connected() -> Result<()> {
+    let cluster = SimCluster::start(MANIFEST)?;
+    let state = TempDir::new("brstate")?;
+    let session = unique("churn");
+    let log = state.path().join("up.log");
+    let child = cluster
+        .beamredir(state.path())
+        .args(["up", "--statefulset", "app", "--session", &session])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let _up = Proc(child);
+    wait_until("the session", Duration::from_secs(30), || status_of(&cluster, &state, &session).is_some_and(|s| s["state"] == "running"))?;
+
+    // A hidden local node connected to app-0 that reports if the connection ever drops, and
+    // pings whatever node it is told to.
+    let watcher = format!(
+        "ok = net_kernel:monitor_nodes(true), pong = net_adm:ping('{}'), io:format(\"connected~n\"), \
+         Loop = fun L() -> receive {{nodedown, N}} -> io:format(\"nodedown ~p~n\", [N]), L(); {{nodeup, _}} -> L() \
+         after 200 -> case io:get_line(\"\") of eof -> ok; Line -> Node = list_to_atom(string:trim(Line)), \
+         io:format(\"ping ~p ~p~n\", [Node, net_adm:ping(Node)]), L() end end end, Loop().",
+        fqdn(0)
+    );
+    let mut node = Interactive::spawn(
+        cluster
+            .beamredir(state.path())
+            .args(["exec", "--session", &session, "--", "erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", &watcher])
+            .env("HOME", state.path()),
+    )?;
+    node.expect("connected", Duration::from_secs(30))?;
+
+    let old_ip = cluster.pod_ip("app-1").context("app-1 IP")?;
+    let started = std::time::Instant::now();
+    cluster.delete_pod("app-1")?;
+    // Its redirects go (the watch sees the deletion at once).
+    wait_until("app-1's redirects to go", Duration::from_secs(3), || {
+        status_of(&cluster, &state, &session).is_some_and(|s| {
+            s["redirects"].as_array().is_some_and(|rs| rs.iter().all(|r| !r["pod"].as_str().unwrap_or("").starts_with(&format!("{old_ip}:"))))
+        })
+    })?;
+    eprintln!("app-1's redirects were removed {:?} after the delete", started.elapsed());
+
+    let new_ip = {
+        let mut ip = old_ip;
+        wait_until("app-1 back with a new IP", Duration::from_secs(60), || {
+            ip = cluster.pod_ip("app-1").unwrap_or(old_ip);
+            ip != old_ip
+        })?;
+        ip
+    };
+    cluster.wait_ready("default", "app-1", Duration::from_secs(60))?;
+    wait_until("the session to follow app-1", Duration::from_secs(10), || {
+        status_of(&cluster, &state, &session).is_some_and(|s| {
+            s["redirects"].as_array().is_some_and(|rs| rs.iter().filter(|r| r["pod"].as_str().unwrap_or("").starts_with(&format!("{new_ip}:"))).count() >= 2)
+        })
+    })
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    // The running local node resolves the new IP (the hosts file is re-read within ~5 s) and
+    // reaches the new app-1 without beamredir restarting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        node.send(&format!("{}\n", fqdn(1)))?;
+        std::thread::sleep(Duration::from_millis(700));
+        if node.output().contains(&format!("ping '{}' pong", fqdn(1))) || std::time::Instant::now() > deadline {
+            break;
+        }
+    }
+    assert!(node.output().contains(&format!("ping '{}' pong", fqdn(1))), "{}", node.output());
+    // app-0 stayed connected throughout.
+    assert!(!node.output().contains(&format!("nodedown '{}'", fqdn(0))), "{}", node.output());
+    let hosts = std::fs::read_to_string(state.path().join(format!("{session}.hosts")))?;
+    assert!(hosts.contains(&format!("{new_ip} app-1.app.default.svc.cluster.local")), "{hosts}");
+    assert!(!hosts.contains(&old_ip.to_string()), "{hosts}");
+    let status = status_of(&cluster, &state, &session).unwrap();
+    assert_eq!(status["pods"].as_array().unwrap().len(), 3, "{status:#}");
+    Ok(())
+}
+
+#[test]
+fn garbage_or_truncated_epmd_answers_do_not_kill_the_session() -> Result<()> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/fake_epmd.py");
+    let manifest = format!(
+        r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: fake, namespace: default}}
+spec:
+  serviceName: fake
+  replicas: 2
+  selector: {{matchLabels: {{app: fake}}}}
+  template:
+    metadata: {{labels: {{app: fake}}}}
+    spec:
+      containers:
+        - name: fake
+          command: ["sh", "-c", "if [ ${{POD_NAME##*-}} = 0 ]; then exec python3 {script} garbage; else exec python3 {script} truncated; fi"]
+          env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
+          ports: [{{name: epmd, containerPort: 4369}}]
+"#
+    );
+    let cluster = SimCluster::start(&manifest)?;
+    let state = TempDir::new("brstate")?;
+    let session = unique("fake");
+    let child = cluster
+        .beamredir(state.path())
+        .args(["up", "-l", "app=fake", "--session", &session])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut up = Proc(child);
+    wait_until("the session", Duration::from_secs(30), || status_of(&cluster, &state, &session).is_some_and(|s| s["state"] == "running"))?;
+    for pod in ["fake-0", "fake-1"] {
+        let ip = cluster.pod_ip(pod).unwrap();
+        let script = format!("io:format(\"~p~n\", [[net_adm:ping('app@{ip}') || _ <- [1,2,3]]]), halt().");
+        let out = run(cluster
+            .beamredir(state.path())
+            .args(["exec", "--session", &session, "--", "erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", &script])
+            .env("HOME", state.path())
+            .stdin(Stdio::null()))?;
+        assert!(String::from_utf8_lossy(&out.stdout).contains("[pang,pang,pang]"), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    // Still running, still answering, every pod still listed.
+    assert!(up.0.try_wait()?.is_none(), "beamredir exited");
+    let status = status_of(&cluster, &state, &session).context("status")?;
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["pods"].as_array().unwrap().len(), 2);
+    Ok(())
+}
