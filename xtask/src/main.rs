@@ -40,6 +40,9 @@ enum Task {
     Bench(bench::BenchArgs),
 }
 
+/// How long `cargo xtask test` fuzzes the EPMD parser.
+const FUZZ_SECONDS: &str = "30";
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -92,7 +95,12 @@ fn main() -> Result<()> {
             require_root("test")?;
             setup()?;
             let bin = build(false)?;
-            run(cargo().args(["test", "--workspace", "--exclude", "beamredir-ebpf"]).args(&args).env("BEAMREDIR_BIN", &bin))
+            run(cargo().args(["test", "--workspace", "--exclude", "beamredir-ebpf"]).args(&args).env("BEAMREDIR_BIN", &bin))?;
+            if args.is_empty() {
+                // The EPMD parser's fuzz target, for a bounded time (a crash fails the run).
+                run(Command::new("bash").arg(workspace_root().join("scripts/fuzz-epmd.sh")).arg(FUZZ_SECONDS))?;
+            }
+            Ok(())
         }
         Task::Demo => {
             require_root("demo")?;
