@@ -1,13 +1,193 @@
-//! `cargo xtask bench` (being written).
-use anyhow::Result;
+//! `cargo xtask bench`: benchmarks run side by side in one run, reported under
+//! `$CARGO_TARGET_DIR/bench/` (default `target/bench/`):
+//!
+//! * `report.md`: Markdown tables and the machine they ran on;
+//! * `results.json`: every repetition, machine-readable;
+//! * one SVG plot per benchmark (`connect_cost.svg`).
+//!
+//! Each benchmark is a sibling module that returns its results, a Markdown section, a JSON
+//! value and its plots; [`report`] (machine info, Markdown, JSON) and [`plot`] (SVG charts)
+//! are shared. Today there is one: [`connect`], the cost of one `connect()` to a pod address
+//! redirected by beamredir, against plain loopback and against the iptables DNAT recipe.
+//!
+//! Benchmarks assert nothing about time: they measure and report. Every namespace, session
+//! and rule they create is removed on the way out, also on error or Ctrl-C.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+mod connect;
+mod plot;
+mod report;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Tiny sizes and few repetitions: checks the benchmark runs (CI), measures nothing useful.
     #[arg(long)]
     pub smoke: bool,
+    /// Rounds: repetitions of each case at each size, run round-robin (default 50; --smoke 2).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub reps: Option<u32>,
+    /// Connections per repetition (default 2000; --smoke 200).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+    pub connects: Option<u32>,
+    /// Numbers of map entries / iptables rules, comma-separated (default 1,100,1000,10000;
+    /// --smoke 1,10).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=16_000))]
+    pub sizes: Vec<u32>,
 }
 
-pub fn run(_args: BenchArgs) -> Result<()> {
-    anyhow::bail!("not written yet")
+impl BenchArgs {
+    /// The command line that reproduces this run.
+    fn command_line(&self) -> String {
+        let mut cmd = String::from("cargo xtask bench");
+        if self.smoke {
+            cmd.push_str(" --smoke");
+        }
+        if let Some(r) = self.reps {
+            cmd.push_str(&format!(" --reps {r}"));
+        }
+        if let Some(c) = self.connects {
+            cmd.push_str(&format!(" --connects {c}"));
+        }
+        if !self.sizes.is_empty() {
+            let sizes: Vec<String> = self.sizes.iter().map(u32::to_string).collect();
+            cmd.push_str(&format!(" --sizes {}", sizes.join(",")));
+        }
+        cmd
+    }
+}
+
+/// Where the results go: `bench/` in the cargo target directory.
+fn out_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"))
+        .join("bench")
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let out = out_dir();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // No stale results from an earlier run if this one fails.
+    for old in ["report.md", "results.json", "connect_cost.svg"] {
+        let _ = std::fs::remove_file(out.join(old));
+    }
+    let beamredir = PathBuf::from(std::env::var_os("BEAMREDIR_BIN").context("BEAMREDIR_BIN is not set")?);
+    ensure!(beamredir.is_file(), "no beamredir binary at {}", beamredir.display());
+    install_interrupt_handler();
+
+    let client = compile_c(&crate::workspace_root().join("xtask/bench/connect_bench.c"), &out.join("connect_bench"))?;
+    let command = format!("sudo -E env PATH=\"$PATH\" {}", args.command_line());
+    let before = report::Machine::collect();
+    let started = Instant::now();
+
+    let config = connect::Config::new(&args);
+    println!("bench: connect() cost, {}", config.describe());
+    let results = connect::run(&config, &client, &beamredir)?;
+
+    let machine = before.finish();
+    let elapsed = started.elapsed();
+    let connect_svg = out.join("connect_cost.svg");
+    std::fs::write(&connect_svg, connect::plot(&results, &machine)).with_context(|| format!("writing {}", connect_svg.display()))?;
+    let md = report::markdown(&machine, &command, elapsed, &[connect::markdown(&results, "connect_cost.svg")]);
+    let json = report::json(&machine, &command, elapsed, vec![("connect", connect::json(&results))]);
+    let md_path = out.join("report.md");
+    let json_path = out.join("results.json");
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+
+    println!("\n{}", connect::markdown_table(&results));
+    println!("{}", connect::verdict(&results));
+    println!("bench: done in {:.0} s: {}, {}, {}", elapsed.as_secs_f64(), md_path.display(), json_path.display(), connect_svg.display());
+    Ok(())
+}
+
+/// Compiles a C benchmark client with `cc -O2`.
+fn compile_c(src: &Path, bin: &Path) -> Result<PathBuf> {
+    crate::run(Command::new("cc").args(["-O2", "-Wall", "-Wextra", "-o"]).arg(bin).arg(src))
+        .with_context(|| format!("compiling {} (is a C compiler installed?)", src.display()))?;
+    Ok(bin.to_path_buf())
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C/SIGTERM set a flag instead of killing xtask, so the benchmark stops at the next check
+/// and its guards remove namespaces and sessions.
+fn install_interrupt_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Fails if Ctrl-C (or SIGTERM) was received.
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Runs a command to completion within `timeout` (killing it if it overruns, or on Ctrl-C)
+/// and returns its stdout; fails with its stderr if it fails.
+fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<String> {
+    run_with_deadline(cmd, timeout, true)
+}
+
+/// [`run_bounded`] for clean-up: Ctrl-C does not cut it short (only the timeout does).
+fn run_cleanup(cmd: &mut Command, timeout: Duration) -> Result<String> {
+    run_with_deadline(cmd, timeout, false)
+}
+
+fn run_with_deadline(cmd: &mut Command, timeout: Duration, interruptible: bool) -> Result<String> {
+    use std::{io::Read, process::Stdio};
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    // Drain both pipes on threads so a chatty child cannot block on a full pipe.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_t = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline || (interruptible && INTERRUPTED.load(Ordering::SeqCst)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            if interruptible {
+                check_interrupted()?;
+            }
+            bail!("{cmd:?} did not finish within {timeout:?}: killed");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = (out_t.join().unwrap_or_default(), err_t.join().unwrap_or_default());
+    ensure!(status.success(), "{cmd:?} failed ({status}): {}{}", out.trim(), err.trim());
+    Ok(out)
 }
