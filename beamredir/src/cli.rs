@@ -78,6 +78,12 @@ pub enum Command {
     /// Check this host can run beamredir, and say what to fix if not.
     #[command(after_help = "Example:\n  sudo beamredir doctor")]
     Doctor,
+    /// (internal) Run a kubeconfig credential plugin as the user who invoked sudo.
+    #[command(name = "__run-as-invoking-user", hide = true)]
+    RunAsInvokingUser {
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -221,9 +227,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             };
             let runtime = runtime()?;
             let result = runtime.block_on(async {
+                let signals = Signals::take()?;
                 let session = ActiveSession::start(state, opts)?;
                 let banner = session_banner(&session, None);
-                serve_session(session, args.command, Extras { banner, ..Default::default() }, cli.verbose > 0).await
+                serve_session(session, args.command, Extras { banner, ..Default::default() }, signals, cli.verbose > 0).await
             });
             runtime.shutdown_timeout(Duration::from_secs(1));
             result
@@ -256,6 +263,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             require_root("down")?;
             down(&state, args.session.as_deref(), args.all)
         }
+        Command::RunAsInvokingUser { command } => {
+            let identity = Identity::invoking_user()?;
+            let err = runas::command(&command, None, identity.as_ref(), &[])?.exec();
+            bail!("starting {:?}: {err}", command[0])
+        }
         Command::Doctor => {
             let checks = doctor::run(&state.private_cgroup_mount());
             let mut failed = 0;
@@ -282,9 +294,25 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
+/// SIGINT/SIGTERM/SIGHUP, taken over before anything is set up: a signal that arrives during
+/// start-up is seen by the session loop right after, which then tears down cleanly.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn take() -> Result<Self> {
+        Ok(Signals { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())?, hup: signal(SignalKind::hangup())? })
+    }
+}
+
 /// What a kind of session adds to the common loop.
 #[derive(Default)]
 struct Extras {
+    /// Runs before the session is torn down (e.g. stop following pods).
+    on_teardown: Option<Box<dyn FnOnce() + Send>>,
     /// Printed (to stderr) once the session is up.
     banner: String,
     /// Fills in what only this kind of session knows (forward counters, pods).
@@ -299,11 +327,14 @@ async fn up(state: StateDir, args: UpArgs, verbose: bool) -> Result<i32> {
         k8s::Cluster,
         up::{PodSource, Pods, UpConfig},
     };
+    let signals = Signals::take()?;
+    // kubectl users write pod/NAME (and sts/NAME, svc/NAME) too.
+    let strip = |s: &str, kinds: &[&str]| kinds.iter().find_map(|k| s.strip_prefix(k)).unwrap_or(s).to_string();
     let source = match (&args.statefulset, &args.selector, &args.service) {
-        (Some(sts), _, _) => PodSource::StatefulSet(sts.clone()),
+        (Some(sts), _, _) => PodSource::StatefulSet(strip(sts, &["statefulset/", "statefulsets/", "sts/"])),
         (_, Some(sel), _) => PodSource::Selector(sel.clone()),
-        (_, _, Some(svc)) => PodSource::Service(svc.clone()),
-        _ => PodSource::Names(args.pods.clone()),
+        (_, _, Some(svc)) => PodSource::Service(strip(svc, &["service/", "services/", "svc/"])),
+        _ => PodSource::Names(args.pods.iter().map(|p| strip(p, &["pod/", "pods/", "po/"])).collect()),
     };
     let cluster = Cluster::connect(&args.kube).await?;
     log::debug!("kubeconfig {}, API server {}, namespace {}", cluster.source, cluster.url, cluster.namespace);
@@ -322,19 +353,27 @@ async fn up(state: StateDir, args: UpArgs, verbose: bool) -> Result<i32> {
     let banner = session_banner(&session, Some(&pods));
     let session = Arc::new(Mutex::new(session));
     let tasks = pods.follow(&session);
-    let decorate_pods = pods.clone();
-    let extras = Extras { banner, decorate: Some(Arc::new(move |s: &mut SessionStatus| decorate_pods.decorate(s))), tasks };
-    serve_shared_session(session, args.command, extras, verbose).await
+    let (decorate_pods, closing_pods) = (pods.clone(), pods.clone());
+    let extras = Extras {
+        banner,
+        decorate: Some(Arc::new(move |s: &mut SessionStatus| decorate_pods.decorate(s))),
+        tasks,
+        on_teardown: Some(Box::new(move || closing_pods.close())),
+    };
+    serve_shared_session(session, args.command, extras, signals, verbose).await
 }
 
 /// Serves a session until CMD exits, or (without CMD) until SIGINT/SIGTERM or `beamredir down`.
 /// Everything is torn down when the session drops, on every path.
-async fn serve_session(session: ActiveSession, command: Vec<String>, extras: Extras, verbose: bool) -> Result<i32> {
-    serve_shared_session(Arc::new(Mutex::new(session)), command, extras, verbose).await
+async fn serve_session(session: ActiveSession, command: Vec<String>, extras: Extras, signals: Signals, verbose: bool) -> Result<i32> {
+    serve_shared_session(Arc::new(Mutex::new(session)), command, extras, signals, verbose).await
 }
 
-async fn serve_shared_session(session: Arc<Mutex<ActiveSession>>, command: Vec<String>, extras: Extras, verbose: bool) -> Result<i32> {
-    let result = serve_until_done(&session, command, &extras, verbose).await;
+async fn serve_shared_session(session: Arc<Mutex<ActiveSession>>, command: Vec<String>, mut extras: Extras, signals: Signals, verbose: bool) -> Result<i32> {
+    let result = serve_until_done(&session, command, &extras, signals, verbose).await;
+    if let Some(on_teardown) = extras.on_teardown.take() {
+        on_teardown();
+    }
     for task in &extras.tasks {
         task.abort();
     }
@@ -349,7 +388,7 @@ async fn serve_shared_session(session: Arc<Mutex<ActiveSession>>, command: Vec<S
     result
 }
 
-async fn serve_until_done(session: &Arc<Mutex<ActiveSession>>, command: Vec<String>, extras: &Extras, verbose: bool) -> Result<i32> {
+async fn serve_until_done(session: &Arc<Mutex<ActiveSession>>, command: Vec<String>, extras: &Extras, signals: Signals, verbose: bool) -> Result<i32> {
     let identity = Identity::invoking_user()?;
     if verbose {
         start_ebpf_logger(&session.lock().unwrap());
@@ -385,9 +424,7 @@ async fn serve_until_done(session: &Arc<Mutex<ActiveSession>>, command: Vec<Stri
     )
     .with_context(|| format!("binding control socket {}", socket_path.display()))?;
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    let Signals { int: mut sigint, term: mut sigterm, hup: mut sighup } = signals;
     eprintln!("{}", extras.banner);
 
     let code = if command.is_empty() {
@@ -553,35 +590,50 @@ fn session_statuses(state: &StateDir) -> Vec<SessionStatus> {
 
 fn status(state: &StateDir, json: bool) -> Result<i32> {
     let statuses = session_statuses(state);
+    let mut out = String::new();
     if json {
-        println!("{}", serde_json::to_string_pretty(&statuses)?);
-        return Ok(0);
+        out = serde_json::to_string_pretty(&statuses)? + "\n";
+    } else if statuses.is_empty() {
+        out.push_str("No beamredir sessions.\n");
+    } else {
+        status_table(&statuses, &mut out);
     }
-    if statuses.is_empty() {
-        println!("No beamredir sessions.");
-        return Ok(0);
+    if !nix::unistd::geteuid().is_root() && statuses.iter().any(|s| s.state == "not answering") {
+        eprintln!("beamredir: live sessions only answer root: run `sudo beamredir status` for their counters");
     }
-    for s in &statuses {
+    // `status | head` closes the pipe early: that is not an error.
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(0),
+    }
+}
+
+fn status_table(statuses: &[SessionStatus], out: &mut String) {
+    use std::fmt::Write as _;
+    for s in statuses {
         let scope = match &s.scope {
             Scope::Global => "global".to_string(),
             _ => s.cgroup_path.clone(),
         };
-        println!("{}  {}  pid {}  {}  {} process(es)", s.name, s.state, s.pid, scope, s.processes.len());
+        let _ = writeln!(out, "{}  {}  pid {}  {}  {} process(es)", s.name, s.state, s.pid, scope, s.processes.len());
         if s.state == "stale" {
-            println!("  (beamredir died; `sudo beamredir down --session {}` or the next `map` cleans it up)", s.name);
+            let _ = writeln!(out, "  (beamredir died; `sudo beamredir down --session {}` or the next `map`/`up` cleans it up)", s.name);
         }
         for r in &s.redirects {
-            print!("  {:<21} -> {:<21} connects {}", r.pod.to_string(), r.local.to_string(), r.connects);
+            let _ = write!(out, "  {:<21} -> {:<21} connects {}", r.pod.to_string(), r.local.to_string(), r.connects);
             if let Some(f) = &r.forward {
-                print!(
+                let _ = write!(
+                    out,
                     "  conns {} active / {} total  bytes {} out / {} in  errors {}",
                     f.active, f.total, f.bytes_to_pod, f.bytes_from_pod, f.errors
                 );
             }
-            println!();
+            let _ = writeln!(out);
+        }
+        for p in &s.pods {
+            let _ = writeln!(out, "  pod {}/{}  {}  {}  {}", p.namespace, p.name, p.ip.as_deref().unwrap_or("-"), p.state, p.node.as_deref().unwrap_or(""));
         }
     }
-    Ok(0)
 }
 
 fn down(state: &StateDir, name: Option<&str>, all: bool) -> Result<i32> {

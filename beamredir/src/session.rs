@@ -36,6 +36,8 @@ pub enum SessionError {
     Ambiguous(String),
     #[error("state directory {path}: {source}")]
     State { path: PathBuf, source: io::Error },
+    #[error("state directory {path} must be owned by root and writable by root only (it holds what root later trusts); fix its owner/mode or choose another --state-dir")]
+    UntrustedStateDir { path: PathBuf },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
@@ -114,6 +116,9 @@ pub fn validate_name(name: &str) -> Result<(), SessionError> {
     if ok { Ok(()) } else { Err(SessionError::BadName(name.to_string())) }
 }
 
+/// An exclusive flock on a session's lock file (released on drop or process death).
+pub type SessionLock = nix::fcntl::Flock<fs::File>;
+
 /// The directory holding session records and control sockets.
 #[derive(Clone, Debug)]
 pub struct StateDir {
@@ -133,8 +138,41 @@ impl StateDir {
         |source| SessionError::State { path: self.root.clone(), source }
     }
 
+    /// Creates the directory if needed. Running as root, refuses one that others could
+    /// write to: records, sockets and lock files in it are trusted later.
     pub fn ensure(&self) -> Result<(), SessionError> {
-        fs::create_dir_all(&self.root).map_err(self.err())
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(&self.root).map_err(self.err())?;
+        if nix::unistd::geteuid().is_root() {
+            let meta = fs::symlink_metadata(&self.root).map_err(self.err())?;
+            if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+                return Err(SessionError::UntrustedStateDir { path: self.root.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn lock_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.lock"))
+    }
+
+    /// Takes the session name: an exclusive flock on `NAME.lock`, held for the session's life
+    /// (the kernel drops it when the process dies). None if another process holds it.
+    pub fn try_lock(&self, name: &str) -> Result<Option<SessionLock>, SessionError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(self.lock_path(name))
+            .map_err(self.err())?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(SessionError::State { path: self.lock_path(name), source: e.into() }),
+        }
     }
 
     pub fn record_path(&self, name: &str) -> PathBuf {
@@ -158,11 +196,12 @@ impl StateDir {
         fs::rename(&tmp, self.record_path(&record.name)).map_err(self.err())
     }
 
-    /// Removes every file of a session: record, socket, DNS files.
+    /// Removes every file of a session: record, socket, DNS files, lock.
     pub fn remove(&self, name: &str) {
         let _ = fs::remove_file(self.socket_path(name));
         crate::dns::DnsFiles::new(&self.root, name).remove();
         let _ = fs::remove_file(self.record_path(name));
+        let _ = fs::remove_file(self.lock_path(name));
     }
 
     /// All records, sorted by name. Unreadable files are skipped with a warning.
@@ -212,6 +251,8 @@ impl StateDir {
     pub fn clean_stale(&self, hierarchy: &Hierarchy) -> Vec<String> {
         let mut cleaned = Vec::new();
         for record in self.list().into_iter().filter(|r| !r.is_alive()) {
+            // Whoever holds the name's lock is alive (and owns these files), whatever the record says.
+            let Ok(Some(_lock)) = self.try_lock(&record.name) else { continue };
             if let Scope::Session { cgroup } = &record.scope {
                 if let Err(e) = hierarchy.remove_session_cgroup(cgroup, &record.origin_cgroup) {
                     log::warn!("stale session {}: {e}", record.name);
@@ -240,6 +281,10 @@ pub struct ActiveSession {
     hierarchy: Hierarchy,
     record: SessionRecord,
     redirector: Arc<Mutex<Option<Redirector>>>,
+    /// Whether this instance created the session cgroup (and so removes it).
+    created_cgroup: bool,
+    /// The flock on NAME.lock: this process owns the name while it holds it.
+    _lock: SessionLock,
 }
 
 impl ActiveSession {
@@ -250,9 +295,27 @@ impl ActiveSession {
         state.ensure()?;
         let hierarchy = Hierarchy::open(&state.private_cgroup_mount())?;
         state.clean_stale(&hierarchy);
-        if let Some(existing) = state.load(&opts.name).filter(SessionRecord::is_alive) {
-            return Err(SessionError::AlreadyRunning { name: opts.name, pid: existing.pid });
+        let running = |state: &StateDir, name: String| {
+            let pid = state.load(&name).map(|r| r.pid).unwrap_or(0);
+            SessionError::AlreadyRunning { name, pid }
+        };
+        if state.load(&opts.name).is_some_and(|r| r.is_alive()) {
+            return Err(running(&state, opts.name));
         }
+        // Two `up`/`map` with the same name at once: exactly one gets the lock.
+        let Some(lock) = state.try_lock(&opts.name)? else { return Err(running(&state, opts.name)) };
+        let lock_path = state.lock_path(&opts.name);
+        let mut lock = Some(lock);
+        let result = Self::start_locked(state, hierarchy, opts, &mut lock);
+        if lock.is_some() {
+            // Failed before the session took the lock: remove the file while still holding it
+            // (after unlocking, it could already be someone else's).
+            let _ = fs::remove_file(lock_path);
+        }
+        result
+    }
+
+    fn start_locked(state: StateDir, hierarchy: Hierarchy, opts: SessionOptions, lock: &mut Option<SessionLock>) -> Result<Self, SessionError> {
         let scope = match &opts.scope {
             ScopeRequest::Global => Scope::Global,
             ScopeRequest::Existing(given) => Scope::Cgroup { cgroup: hierarchy.resolve_existing(given)? },
@@ -278,14 +341,17 @@ impl ActiveSession {
         };
         // From here on, dropping `session` undoes whatever was done.
         state.write(&record)?;
-        let session = ActiveSession {
+        let mut session = ActiveSession {
             state,
             hierarchy,
             record,
             redirector: Arc::new(Mutex::new(Some(redirector))),
+            created_cgroup: false,
+            _lock: lock.take().expect("locked"),
         };
         if let Scope::Session { .. } = &session.record.scope {
             session.hierarchy.create_session_cgroup(&session.record.name)?;
+            session.created_cgroup = true;
         }
         {
             let cgroup_dir = session.hierarchy.open_dir(session.record.scope.cgroup())?;
@@ -375,7 +441,7 @@ impl Drop for ActiveSession {
     fn drop(&mut self) {
         // Detach first (dropping the links), so nothing is redirected while we clean up.
         self.redirector.lock().map(|mut r| r.take()).ok();
-        if let Scope::Session { cgroup } = &self.record.scope {
+        if let (Scope::Session { cgroup }, true) = (&self.record.scope, self.created_cgroup) {
             if let Err(e) = self.hierarchy.remove_session_cgroup(cgroup, &self.record.origin_cgroup) {
                 log::warn!("session {}: {e}", self.record.name);
             }

@@ -13,7 +13,11 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddrV4,
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use futures::StreamExt;
@@ -72,7 +76,14 @@ struct Inner {
     pods: Mutex<BTreeMap<String, PodState>>,
     session: Mutex<Weak<Mutex<ActiveSession>>>,
     dns: Mutex<Option<DnsFiles>>,
+    /// Set at teardown: late connection tasks must not rewrite the map or the DNS files.
+    closed: AtomicBool,
 }
+
+/// How long one NAMES probe through a port-forward may take, upgrade included.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Retries of a pod that failed to come up although Kubernetes says it is ready.
+const RETRY_DELAYS: [u64; 6] = [1, 2, 4, 8, 16, 30];
 
 /// All pods of an `up` session, shared by the watches, the epmd forwards and `status`.
 #[derive(Clone)]
@@ -96,6 +107,7 @@ impl Pods {
             pods: Mutex::new(BTreeMap::new()),
             session: Mutex::new(Weak::new()),
             dns: Mutex::new(None),
+            closed: AtomicBool::new(false),
         }));
         match (&config.source, selector) {
             (PodSource::Names(names), _) => {
@@ -142,7 +154,9 @@ impl Pods {
     /// forwards it needs and records it as up. `strict`: a pod with no known dist port is an
     /// error (at start-up) rather than a warning (when it comes back).
     async fn bring_up(&self, name: &str, mut target: PodTarget, strict: bool) -> Result<(), K8sError> {
-        let registered = portforward::epmd_names(&self.0.cluster, name, target.epmd_port).await?;
+        let registered = tokio::time::timeout(PROBE_TIMEOUT, portforward::epmd_names(&self.0.cluster, name, target.epmd_port))
+            .await
+            .map_err(|_| K8sError::PortForward { pod: name.into(), port: target.epmd_port, reason: format!("no answer within {PROBE_TIMEOUT:?}") })??;
         let short = target.node_name.as_deref().and_then(|n| n.split('@').next()).map(str::to_string);
         if target.dist_port.is_none() {
             target.dist_port = match &short {
@@ -160,6 +174,8 @@ impl Pods {
         self.ensure_forwards(name, &target, &ports).await?;
         let mut pods = self.0.pods.lock().unwrap();
         let state = pods.entry(name.to_string()).or_default();
+        // Ports an earlier incarnation had (e.g. a random dist port before a restart) go.
+        state.forwards.retain(|port, _| ports.contains(port));
         state.target = Some(target);
         state.state = "Running".into();
         Ok(())
@@ -220,11 +236,17 @@ impl Pods {
         Ok(())
     }
 
-    /// Rewrites the redirects (and DNS names) from the current pod states.
+    /// Rewrites the redirects (and DNS names) from the current pod states. The mappings are
+    /// computed while the session is locked, so concurrent refreshes apply in order and none
+    /// undoes a newer one (lock order: session, then pods).
     fn refresh(&self) {
-        let mappings = self.mappings();
-        if let Some(session) = self.0.session.lock().unwrap().upgrade() {
-            if let Err(e) = session.lock().unwrap().set_redirects(mappings) {
+        if self.0.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let session = self.0.session.lock().unwrap().upgrade();
+        if let Some(session) = session {
+            let mut session = session.lock().unwrap();
+            if let Err(e) = session.set_redirects(self.mappings()) {
                 log::warn!("updating redirects: {e}");
             }
         }
@@ -233,6 +255,18 @@ impl Pods {
                 log::warn!("writing {}: {e}", files.hosts.display());
             }
         }
+    }
+
+    /// Teardown: from now on nothing rewrites the map or the DNS files.
+    pub fn close(&self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+        self.0.dns.lock().unwrap().take();
+    }
+
+    /// Whether the session's map redirects `addr` now.
+    fn is_redirected(&self, addr: SocketAddrV4) -> bool {
+        let session = self.0.session.lock().unwrap().upgrade();
+        session.is_some_and(|s| s.lock().unwrap().record().redirects.iter().any(|m| m.pod == addr))
     }
 
     /// Adds pod states and forward counters to a session status.
@@ -260,6 +294,8 @@ impl Pods {
     /// Starts following the pods for `session`. Runs until the returned tasks are aborted.
     pub fn follow(&self, session: &Arc<Mutex<ActiveSession>>) -> Vec<tokio::task::JoinHandle<()>> {
         *self.0.session.lock().unwrap() = Arc::downgrade(session);
+        // Whatever was learned between start-up and now (e.g. a dist port) goes into the map.
+        self.refresh();
         let api: Api<Pod> = Api::namespaced(self.0.cluster.client.clone(), &self.0.cluster.namespace);
         let configs: Vec<watcher::Config> = match (&self.0.config.source, &self.0.selector) {
             (PodSource::Names(names), _) => names.iter().map(|n| watcher::Config::default().fields(&format!("metadata.name={n}"))).collect(),
@@ -270,13 +306,32 @@ impl Pods {
             .into_iter()
             .map(|config| {
                 let (pods, api) = (self.clone(), api.clone());
+                let covered = match &self.0.config.source {
+                    PodSource::Names(names) => names.clone(),
+                    _ => Vec::new(), // a selector covers every pod we know
+                };
                 tokio::spawn(async move {
                     let mut events = watcher(api, config).default_backoff().boxed();
+                    // Pods seen during a (re)list: any known pod missing from it was deleted
+                    // while the watch was down.
+                    let mut relisted: Option<BTreeSet<String>> = None;
                     while let Some(event) = events.next().await {
                         match event {
-                            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => pods.observe(&p, false).await,
+                            Ok(watcher::Event::Init) => relisted = Some(BTreeSet::new()),
+                            Ok(watcher::Event::InitApply(p)) => {
+                                if let (Some(seen), Some(name)) = (relisted.as_mut(), p.metadata.name.clone()) {
+                                    seen.insert(name);
+                                }
+                                pods.observe(&p, false).await
+                            }
+                            Ok(watcher::Event::InitDone) => {
+                                let seen = relisted.take().unwrap_or_default();
+                                for name in pods.known(&covered).into_iter().filter(|n| !seen.contains(n)) {
+                                    pods.observe_gone(&name).await;
+                                }
+                            }
+                            Ok(watcher::Event::Apply(p)) => pods.observe(&p, false).await,
                             Ok(watcher::Event::Delete(p)) => pods.observe(&p, true).await,
-                            Ok(_) => {}
                             Err(e) => log::warn!("watching pods in {}: {e} (retrying)", pods.0.cluster.namespace),
                         }
                     }
@@ -285,8 +340,55 @@ impl Pods {
             .collect()
     }
 
+    /// Known pods among `names` (all known pods if `names` is empty).
+    fn known(&self, names: &[String]) -> Vec<String> {
+        let pods = self.0.pods.lock().unwrap();
+        pods.keys().filter(|k| names.is_empty() || names.contains(k)).cloned().collect()
+    }
+
+    /// A pod that vanished without a Delete event (missed while the watch was down).
+    async fn observe_gone(&self, name: &str) {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(name.to_string());
+        self.observe(&pod, true).await;
+    }
+
+    /// Retries bringing a pod up after `RETRY_DELAYS`, while Kubernetes still says it is
+    /// ready and beamredir still has it down.
+    fn schedule_retry(&self, name: String, attempt: usize) {
+        let Some(delay) = RETRY_DELAYS.get(attempt).copied() else {
+            log::warn!("pod {}/{name}: giving up after {attempt} retries; it is retried when it changes", self.0.cluster.namespace);
+            return;
+        };
+        let pods = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(delay)).await;
+            if pods.0.closed.load(Ordering::SeqCst) || pods.0.pods.lock().unwrap().get(&name).is_some_and(|s| s.target.is_some()) {
+                return;
+            }
+            let api: Api<Pod> = Api::namespaced(pods.0.cluster.client.clone(), &pods.0.cluster.namespace);
+            if let Ok(Some(pod)) = api.get_opt(&name).await {
+                if let Ok(target) = PodTarget::from_pod(&pod, pods.0.config.dist_port) {
+                    match pods.bring_up(&name, target, false).await {
+                        Ok(()) => {
+                            log::info!("pod {}/{name} is up after a retry", pods.0.cluster.namespace);
+                            pods.refresh();
+                        }
+                        Err(e) => {
+                            log::warn!("{e} (retry {} of {})", attempt + 1, RETRY_DELAYS.len());
+                            pods.schedule_retry(name, attempt + 1);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     /// Applies one observation of a pod to the forwards, the map and the DNS names.
     async fn observe(&self, pod: &Pod, deleted: bool) {
+        if self.0.closed.load(Ordering::SeqCst) {
+            return;
+        }
         let Some(name) = pod.metadata.name.clone() else { return };
         let ns = &self.0.cluster.namespace;
         let before = self.0.pods.lock().unwrap().get(&name).and_then(|s| s.target.clone());
@@ -305,8 +407,9 @@ impl Pods {
                         None => log::info!("pod {ns}/{name} is up at {ip}; redirects added"),
                     },
                     Err(e) => {
-                        log::warn!("{e}");
+                        log::warn!("{e}; retrying");
                         self.set_down(&name, describe_down(&e));
+                        self.schedule_retry(name.clone(), 0);
                     }
                 }
             }
@@ -314,7 +417,14 @@ impl Pods {
                 if before.is_some() {
                     log::warn!("pod {ns}/{name} is {why}; its redirects are removed until it is back");
                 }
-                self.set_down(&name, why);
+                let by_name = matches!(self.0.config.source, PodSource::Names(_));
+                if deleted && !by_name {
+                    // A selector's pod may never come back (e.g. a Deployment's): drop its
+                    // forwards too. A StatefulSet's pod that does is set up afresh.
+                    self.0.pods.lock().unwrap().remove(&name);
+                } else {
+                    self.set_down(&name, why);
+                }
             }
         }
         self.refresh();
@@ -323,8 +433,17 @@ impl Pods {
     /// A distribution port epmd just told a local node about: make sure it has a forward and
     /// a redirect before the answer is passed on.
     async fn learn_dist_port(&self, name: &str, node: &str, port: u16) {
+        if self.0.closed.load(Ordering::SeqCst) {
+            return;
+        }
         let Some(target) = self.0.pods.lock().unwrap().get(name).and_then(|s| s.target.clone()) else { return };
-        if self.0.pods.lock().unwrap().get(name).is_some_and(|s| s.forwards.contains_key(&port)) {
+        let has_forward = self.0.pods.lock().unwrap().get(name).is_some_and(|s| s.forwards.contains_key(&port));
+        if has_forward {
+            // The forward exists; make sure the map says so too (an earlier refresh may have
+            // raced with this pod going down and up).
+            if !self.is_redirected(SocketAddrV4::new(target.ip, port)) {
+                self.refresh();
+            }
             return;
         }
         match self.ensure_forwards(name, &target, &BTreeSet::from([port])).await {

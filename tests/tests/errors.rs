@@ -95,3 +95,61 @@ fn a_second_session_with_a_running_name_is_refused_and_the_first_keeps_working()
     assert_eq!(bpftool_cgroup_programs(&cgroup)?.len(), 2);
     Ok(())
 }
+
+#[test]
+fn two_sessions_started_at_once_with_one_name_leave_the_winner_intact() -> Result<()> {
+    let bed = beamredir_testbed::TestBed::start()?;
+    let s = unique("race");
+    let spawn = || {
+        bed.beamredir()
+            .args(["map", "--session", &s])
+            .args(bed.mappings())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    };
+    let (a, b) = (spawn()?, spawn()?);
+    let (mut a, mut b) = (beamredir_testbed::Proc(a), beamredir_testbed::Proc(b));
+    // Exactly one of them exits, refused; the other stays up.
+    let mut loser = None;
+    beamredir_testbed::wait_until("one of the two to be refused", std::time::Duration::from_secs(20), || {
+        if let Ok(Some(st)) = a.0.try_wait() { loser = Some(('a', st)); }
+        if let Ok(Some(st)) = b.0.try_wait() { loser = Some(('b', st)); }
+        loser.is_some()
+    })?;
+    let (which, status) = loser.unwrap();
+    assert!(!status.success());
+    let loser_proc = if which == 'a' { &mut a } else { &mut b };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(loser_proc.0.stderr.as_mut().unwrap(), &mut stderr)?;
+    assert!(stderr.contains("is already running"), "{stderr}");
+    let winner = if which == 'a' { &mut b } else { &mut a };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(winner.0.try_wait()?.is_none(), "the winner died");
+    // The winner's cgroup, programs and record are intact.
+    let status = bed.session_status(&s).expect("the winner's session is listed");
+    assert_eq!(status["state"], "running");
+    let cgroup = std::path::PathBuf::from(status["cgroup_path"].as_str().unwrap());
+    assert_eq!(bpftool_cgroup_programs(&cgroup)?.len(), 2);
+    // Its control socket answers root only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(bed.state_dir.path().join(format!("{s}.sock")))?.permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    Ok(())
+}
+
+#[test]
+fn a_state_dir_others_can_write_is_refused() -> Result<()> {
+    require_root()?;
+    let dir = TempDir::new("brloose")?;
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let out = Command::new(beamredir_bin())
+        .args(["map", "--session", &unique("loose"), "10.244.250.6:4369=14369", "--", "true"])
+        .env("BEAMREDIR_STATE_DIR", dir.path())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("must be owned by root and writable by root only"), "{stderr}");
+    assert_eq!(std::fs::read_dir(dir.path())?.count(), 0);
+    Ok(())
+}

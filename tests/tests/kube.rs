@@ -36,7 +36,8 @@ fn up_pod_pings_rpcs_and_round_trips_32_mib() -> Result<()> {
     );
     let out = run(cluster
         .beamredir(state.path())
-        .args(["up", "--pod", "app-0", "--session", &unique("up"), "--"])
+        // kubectl's TYPE/NAME form works too.
+        .args(["up", "--pod", "pod/app-0", "--session", &unique("up"), "--"])
         .args(erl(&script))
         .env("HOME", state.path())
         .stdin(Stdio::null()))?;
@@ -384,6 +385,56 @@ fn under_sudo_the_invoking_users_kubeconfig_is_used() -> Result<()> {
     assert!(out.status.success(), "{t}");
     assert!(t.contains(&format!("from {}/.kube/config", home.display())), "{t}");
     assert!(t.contains(&format!("{user}\n")) && t.contains("ping=pong"), "{t}");
+    Ok(())
+}
+
+#[test]
+fn under_sudo_kubeconfig_exec_plugins_run_as_the_invoking_user() -> Result<()> {
+    let cluster = SimCluster::start(EXAMPLE_MANIFEST)?;
+    let state = TempDir::new("brstate")?;
+    let user = "beamredir-test";
+    let home = std::path::PathBuf::from("/var/tmp/beamredir-test-home");
+    if Command::new("id").arg(user).output()?.status.code() != Some(0) {
+        run(Command::new("useradd").args(["--system", "--create-home", "--home-dir"]).arg(&home).args(["--shell", "/bin/sh", user]))?;
+    }
+    let uid = String::from_utf8(run(Command::new("id").args(["-u", user]))?.stdout)?.trim().to_string();
+    let gid = String::from_utf8(run(Command::new("id").args(["-g", user]))?.stdout)?.trim().to_string();
+    // A credential plugin (as aws/gcloud/kubelogin are) that records who ran it and where.
+    let dir = TempDir::new("brplugin")?;
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let token = std::fs::read_to_string(&cluster.kubeconfig)?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: ").map(String::from))
+        .context("token in kubeconfig")?;
+    let witness = home.join("plugin-ran-as");
+    let _ = std::fs::remove_file(&witness);
+    let plugin = dir.path().join("plugin.sh");
+    std::fs::write(&plugin, format!(
+        "#!/bin/sh\necho \"$(id -u) $HOME\" > {}\necho '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{token}\"}}}}'\n",
+        witness.display()
+    ))?;
+    std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let kubeconfig = std::fs::read_to_string(&cluster.kubeconfig)?.replace(
+        &format!("    token: {token}"),
+        &format!("    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: {}\n      interactiveMode: Never", plugin.display()),
+    );
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(&kc, kubeconfig)?;
+    let out = cluster
+        .beamredir(state.path())
+        .env("HOME", "/root")
+        .env("SUDO_USER", user)
+        .env("SUDO_UID", &uid)
+        .env("SUDO_GID", &gid)
+        .args(["up", "--kubeconfig"])
+        .arg(&kc)
+        .args(["--pod", "app-0", "--session", &unique("plugin"), "--", "true"])
+        .stdin(Stdio::null())
+        .output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    let ran_as = std::fs::read_to_string(&witness).context("the plugin did not run")?;
+    let _ = std::fs::remove_file(&witness);
+    assert_eq!(ran_as.trim(), format!("{uid} {}", home.display()), "the plugin must run as the invoking user, with their HOME");
     Ok(())
 }
 

@@ -44,6 +44,41 @@ fn user_home() -> Option<PathBuf> {
     std::env::var_os("HOME").map(PathBuf::from)
 }
 
+/// The hidden subcommand that runs a credential plugin as the user who invoked sudo.
+pub const RUN_AS_INVOKING_USER: &str = "__run-as-invoking-user";
+
+/// Under sudo, credential plugins from the user's kubeconfig (`exec`, and the legacy
+/// auth-provider `cmd-path`) must not run as root: that would turn any command in a
+/// kubeconfig into a root command, and plugins (aws, gcloud, kubelogin) look for the user's
+/// files in the user's HOME. They are routed through `beamredir __run-as-invoking-user`,
+/// which drops to SUDO_UID/SUDO_GID (and the user's groups and HOME) before exec.
+fn run_plugins_as_invoking_user(kubeconfig: &mut Kubeconfig) {
+    let under_sudo = nix::unistd::geteuid().is_root() && std::env::var("SUDO_UID").is_ok_and(|u| u != "0");
+    let Ok(me) = std::env::current_exe() else { return };
+    if !under_sudo {
+        return;
+    }
+    let me = me.display().to_string();
+    for named in &mut kubeconfig.auth_infos {
+        let Some(auth) = named.auth_info.as_mut() else { continue };
+        if let Some(exec) = auth.exec.as_mut() {
+            if let Some(command) = exec.command.take() {
+                let mut args = vec![RUN_AS_INVOKING_USER.to_string(), "--".to_string(), command];
+                args.extend(exec.args.take().unwrap_or_default());
+                exec.command = Some(me.clone());
+                exec.args = Some(args);
+            }
+        }
+        if let Some(provider) = auth.auth_provider.as_mut() {
+            if let Some(path) = provider.config.remove("cmd-path") {
+                let args = provider.config.remove("cmd-args").unwrap_or_default();
+                provider.config.insert("cmd-path".into(), me.clone());
+                provider.config.insert("cmd-args".into(), format!("{RUN_AS_INVOKING_USER} -- {path} {args}").trim().to_string());
+            }
+        }
+    }
+}
+
 fn read(path: &Path) -> Result<Kubeconfig, K8sError> {
     Kubeconfig::read_from(path).map_err(|e| K8sError::KubeconfigUnreadable {
         path: path.to_path_buf(),
@@ -73,6 +108,10 @@ fn load_kubeconfig(args: &KubeArgs) -> Result<Option<(Kubeconfig, String)>, K8sE
     }
     let default = user_home().map(|h| h.join(".kube/config"));
     if let Some(path) = default.as_ref().filter(|p| p.exists()) {
+        if let Ok(user) = std::env::var("SUDO_USER") {
+            // sudo drops KUBECONFIG: say which file is used, in case kubectl uses another.
+            log::info!("using {user}'s kubeconfig {} (sudo does not pass KUBECONFIG on; use --kubeconfig or sudo -E for another)", path.display());
+        }
         return Ok(Some((read(path)?, path.display().to_string())));
     }
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
@@ -88,7 +127,8 @@ impl Cluster {
         // kube's rustls needs a process-wide crypto provider; a second install is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (config, source) = match load_kubeconfig(args)? {
-            Some((kubeconfig, source)) => {
+            Some((mut kubeconfig, source)) => {
+                run_plugins_as_invoking_user(&mut kubeconfig);
                 if let Some(context) = &args.context {
                     if !kubeconfig.contexts.iter().any(|c| &c.name == context) {
                         let available = kubeconfig.contexts.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ");
