@@ -12,7 +12,7 @@ use core::net::{Ipv4Addr, SocketAddrV4};
 pub const REDIRECTS_MAP: &str = "REDIRECTS";
 /// Name of the per-CPU map counting redirected connects per pod endpoint.
 pub const REDIRECT_COUNTS_MAP: &str = "REDIRECT_COUNTS";
-/// Name of the map from socket cookie to the endpoint the application originally dialled.
+/// Name of the socket-local storage holding the endpoint a redirected socket dialled.
 pub const ORIGINAL_PEERS_MAP: &str = "ORIGINAL_PEERS";
 
 /// Program names (the Rust function names in `beamredir-ebpf`).
@@ -21,8 +21,6 @@ pub const GETPEERNAME4_PROGRAM: &str = "beamredir_getpeername4";
 
 /// Default capacity of the redirect map (entries); the loader may raise it.
 pub const DEFAULT_MAX_REDIRECTS: u32 = 16 * 1024;
-/// Capacity of the socket-cookie → original peer LRU map.
-pub const MAX_TRACKED_SOCKETS: u32 = 64 * 1024;
 
 /// An IPv4 endpoint as the kernel stores it in `bpf_sock_addr`: address and port in network
 /// byte order. Used as the key (the pod endpoint) and the value (the local forward) of

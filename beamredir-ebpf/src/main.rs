@@ -1,20 +1,20 @@
 //! beamredir's kernel side: two `cgroup_sock_addr` programs, one small function per hook.
 //!
 //! * `connect4` rewrites connect() to a pod endpoint into the local forward endpoint and
-//!   remembers, per socket cookie, what the application dialled.
+//!   remembers, in the socket's own storage, what the application dialled.
 //! * `getpeername4` is its reverse: getpeername() on such a socket reports the pod endpoint,
 //!   so the application cannot tell it was redirected.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    helpers::bpf_get_socket_cookie,
-    macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    btf_maps::SkStorage,
+    macros::{btf_map, cgroup_sock_addr, map},
+    maps::{HashMap, PerCpuHashMap},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
-use beamredir_common::{DEFAULT_MAX_REDIRECTS, Ipv4Endpoint, MAX_TRACKED_SOCKETS};
+use beamredir_common::{DEFAULT_MAX_REDIRECTS, Ipv4Endpoint};
 
 /// sock_addr programs return 1 to let the syscall proceed (0 would fail it with EPERM).
 const PROCEED: i32 = 1;
@@ -30,11 +30,11 @@ static REDIRECTS: HashMap<Ipv4Endpoint, Ipv4Endpoint> =
 static REDIRECT_COUNTS: PerCpuHashMap<Ipv4Endpoint, u64> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_REDIRECTS, 0);
 
-/// Socket cookie → the pod endpoint the application dialled, for getpeername4.
-/// LRU: entries of closed sockets age out on their own.
-#[map(name = "ORIGINAL_PEERS")]
-static ORIGINAL_PEERS: LruHashMap<u64, Ipv4Endpoint> =
-    LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+/// Per socket: the pod endpoint the application dialled, for getpeername4. Socket-local
+/// storage lives and dies with the socket: no table to size, nothing to evict, and it is
+/// cheaper than a hash insert on every redirected connect.
+#[btf_map]
+static ORIGINAL_PEERS: SkStorage<Ipv4Endpoint> = SkStorage::new();
 
 #[cgroup_sock_addr(connect4)]
 pub fn beamredir_connect4(ctx: SockAddrContext) -> i32 {
@@ -57,9 +57,13 @@ fn redirect_connect(ctx: &SockAddrContext) {
     sa.user_ip4 = forward.addr_be;
     sa.user_port = forward.port_be as u32;
 
-    // SAFETY: bpf_get_socket_cookie accepts the sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
-    let _ = ORIGINAL_PEERS.insert(&cookie, &dialled, 0);
+    let mut remembered = dialled;
+    // SAFETY: the context's socket is valid for the duration of the program.
+    let slot = unsafe { ORIGINAL_PEERS.get_or_insert_ptr_mut(ctx, Some(&mut remembered)) };
+    if !slot.is_null() {
+        // A socket that connects again (after a failed connect) keeps one slot: overwrite it.
+        unsafe { *slot = dialled };
+    }
     if let Some(count) = REDIRECT_COUNTS.get_ptr_mut(&dialled) {
         // Per-CPU value, and sock_addr programs run with migration disabled: no atomics needed.
         unsafe { *count += 1 };
@@ -86,9 +90,10 @@ pub fn beamredir_getpeername4(ctx: SockAddrContext) -> i32 {
 fn restore_peer(ctx: &SockAddrContext) {
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
-    // SAFETY: copied out immediately.
-    if let Some(dialled) = (unsafe { ORIGINAL_PEERS.get(&cookie) }).copied() {
+    // SAFETY: the context's socket is valid; the slot is copied out at once.
+    let slot = unsafe { ORIGINAL_PEERS.get_ptr_mut(ctx) };
+    if !slot.is_null() {
+        let dialled = unsafe { *slot };
         sa.user_ip4 = dialled.addr_be;
         sa.user_port = dialled.port_be as u32;
     }
