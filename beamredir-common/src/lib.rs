@@ -18,6 +18,10 @@ pub const ORIGINAL_PEERS_MAP: &str = "ORIGINAL_PEERS";
 /// Program names (the Rust function names in `beamredir-ebpf`).
 pub const CONNECT4_PROGRAM: &str = "beamredir_connect4";
 pub const GETPEERNAME4_PROGRAM: &str = "beamredir_getpeername4";
+pub const CONNECT6_PROGRAM: &str = "beamredir_connect6";
+pub const GETPEERNAME6_PROGRAM: &str = "beamredir_getpeername6";
+/// Every program, in attach order.
+pub const PROGRAMS: [&str; 4] = [CONNECT4_PROGRAM, GETPEERNAME4_PROGRAM, CONNECT6_PROGRAM, GETPEERNAME6_PROGRAM];
 
 /// Default capacity of the redirect map (entries); the loader may raise it.
 pub const DEFAULT_MAX_REDIRECTS: u32 = 16 * 1024;

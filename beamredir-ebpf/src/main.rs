@@ -99,6 +99,55 @@ fn restore_peer(ctx: &SockAddrContext) {
     }
 }
 
+/// `::ffff:0:0/96` in network byte order, as the words of `user_ip6`.
+const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_be(0x0000_ffff)];
+
+/// A dual-stack (AF_INET6) socket dialling an IPv4 pod as `::ffff:a.b.c.d` goes through the
+/// connect6 hook, not connect4: the same redirect, on the mapped address.
+#[cgroup_sock_addr(connect6)]
+pub fn beamredir_connect6(ctx: SockAddrContext) -> i32 {
+    redirect_connect6(&ctx);
+    PROCEED
+}
+
+#[inline(always)]
+fn redirect_connect6(ctx: &SockAddrContext) {
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || sa.user_ip6[0] != V4_MAPPED_PREFIX[0] || sa.user_ip6[1] != V4_MAPPED_PREFIX[1] || sa.user_ip6[2] != V4_MAPPED_PREFIX[2] {
+        return;
+    }
+    let dialled = Ipv4Endpoint::from_raw(sa.user_ip6[3], sa.user_port);
+    // SAFETY: the value is copied out before any other map operation.
+    let Some(forward) = (unsafe { REDIRECTS.get(&dialled) }).copied() else {
+        return;
+    };
+    sa.user_ip6[3] = forward.addr_be;
+    sa.user_port = forward.port_be as u32;
+    let mut remembered = dialled;
+    // SAFETY: the context's socket is valid for the duration of the program.
+    let slot = unsafe { ORIGINAL_PEERS.get_or_insert_ptr_mut(ctx, Some(&mut remembered)) };
+    if !slot.is_null() {
+        unsafe { *slot = dialled };
+    }
+    if let Some(count) = REDIRECT_COUNTS.get_ptr_mut(&dialled) {
+        unsafe { *count += 1 };
+    }
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn beamredir_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above; the slot is copied out at once.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let slot = unsafe { ORIGINAL_PEERS.get_ptr_mut(&ctx) };
+    if !slot.is_null() {
+        let dialled = unsafe { *slot };
+        sa.user_ip6[3] = dialled.addr_be;
+        sa.user_port = dialled.port_be as u32;
+    }
+    PROCEED
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

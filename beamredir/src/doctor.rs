@@ -69,7 +69,7 @@ pub fn run(scratch_dir: &Path) -> Vec<Check> {
     let loaded = Redirector::load(LoadOptions::default());
     checks.push(check(
         "BPF syscall and verifier",
-        loaded.as_ref().map(|_| "connect4 and getpeername4 load".into()).map_err(|e| format!("{e}")),
+        loaded.as_ref().map(|_| "connect4/6 and getpeername4/6 load".into()).map_err(|e| format!("{e}")),
         "the kernel needs CONFIG_BPF_SYSCALL=y; check `dmesg` and kernel.unprivileged_bpf_disabled",
     ));
     if let Ok(mut redirector) = loaded {

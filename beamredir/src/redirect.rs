@@ -7,10 +7,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
     programs::{CgroupAttachMode, CgroupSockAddr},
 };
-use beamredir_common::{
-    CONNECT4_PROGRAM, DEFAULT_MAX_REDIRECTS, GETPEERNAME4_PROGRAM, Ipv4Endpoint, REDIRECT_COUNTS_MAP,
-    REDIRECTS_MAP,
-};
+use beamredir_common::{DEFAULT_MAX_REDIRECTS, Ipv4Endpoint, PROGRAMS, REDIRECT_COUNTS_MAP, REDIRECTS_MAP};
 
 /// The eBPF object built by build.rs from `beamredir-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/beamredir"));
@@ -65,7 +62,7 @@ impl Redirector {
             .map_max_entries(REDIRECTS_MAP, opts.max_redirects)
             .map_max_entries(REDIRECT_COUNTS_MAP, opts.max_redirects)
             .load(EBPF_OBJECT)?;
-        for name in [CONNECT4_PROGRAM, GETPEERNAME4_PROGRAM] {
+        for name in PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(RedirectError::Missing(name))?
@@ -84,10 +81,10 @@ impl Redirector {
         &mut self.ebpf
     }
 
-    /// Attaches both programs to a cgroup (a directory fd) through bpf_links. Links coexist
+    /// Attaches every program (connect4/6, getpeername4/6) to a cgroup (a directory fd) through bpf_links. Links coexist
     /// with programs attached to parent cgroups: the kernel runs the child's first.
     pub fn attach(&mut self, cgroup: impl AsFd) -> Result<(), RedirectError> {
-        for name in [CONNECT4_PROGRAM, GETPEERNAME4_PROGRAM] {
+        for name in PROGRAMS {
             let program: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)

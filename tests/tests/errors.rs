@@ -92,7 +92,7 @@ fn a_second_session_with_a_running_name_is_refused_and_the_first_keeps_working()
     let status = bed.session_status(&s).unwrap();
     assert_eq!(status["state"], "running");
     let cgroup = std::path::PathBuf::from(status["cgroup_path"].as_str().unwrap());
-    assert_eq!(bpftool_cgroup_programs(&cgroup)?.len(), 2);
+    assert_eq!(bpftool_cgroup_programs(&cgroup)?.len(), 4);
     Ok(())
 }
 
@@ -131,7 +131,7 @@ fn two_sessions_started_at_once_with_one_name_leave_the_winner_intact() -> Resul
     let status = bed.session_status(&s).expect("the winner's session is listed");
     assert_eq!(status["state"], "running");
     let cgroup = std::path::PathBuf::from(status["cgroup_path"].as_str().unwrap());
-    assert_eq!(bpftool_cgroup_programs(&cgroup)?.len(), 2);
+    assert_eq!(bpftool_cgroup_programs(&cgroup)?.len(), 4);
     // Its control socket answers root only.
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(bed.state_dir.path().join(format!("{s}.sock")))?.permissions());
     assert_eq!(mode & 0o777, 0o600);

@@ -40,6 +40,15 @@ fn session_redirects_its_own_processes_counts_them_and_nobody_else() -> Result<(
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pod_epmd.to_string());
     }
 
+    // A dual-stack socket dialling the IPv4-mapped pod address is redirected too (connect6),
+    // and getpeername() gives the mapped pod address back (getpeername6).
+    let v6 = "import socket,sys; s=socket.socket(socket.AF_INET6); s.settimeout(5); s.connect(('::ffff:'+sys.argv[1], int(sys.argv[2]))); print('%s:%d' % s.getpeername()[:2])";
+    let out = run(bed
+        .beamredir()
+        .args(["exec", "--session", &session, "--", "python3", "-c", v6])
+        .args([bed.pod.ip.to_string(), EPMD_PORT.to_string()]))?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("::ffff:{}:{EPMD_PORT}", bed.pod.ip));
+
     // The same connect from a process outside the session is not redirected: the workstation
     // has no route to the pod.
     let outside = connect_outside_session(&bed.ws, pod_epmd)?;
@@ -54,15 +63,15 @@ fn session_redirects_its_own_processes_counts_them_and_nobody_else() -> Result<(
             .find(|r| r["pod"] == format!("{}:{port}", bed.pod.ip))
             .map(|r| r["connects"].as_u64().unwrap())
     };
-    assert_eq!(count_of(EPMD_PORT), Some(2), "{status:#}");
+    assert_eq!(count_of(EPMD_PORT), Some(3), "{status:#}");
     assert_eq!(count_of(bed.pod.dist_port), Some(0), "{status:#}");
     let table = run(bed.beamredir().arg("status"))?;
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains(&session) && table.contains("running") && table.contains("connects 2"), "{table}");
+    assert!(table.contains(&session) && table.contains("running") && table.contains("connects 3"), "{table}");
 
     // `down` ends it: programs detached, cgroup and record gone.
     let cgroup = std::path::PathBuf::from(status["cgroup_path"].as_str().unwrap());
-    assert_eq!(bpftool_cgroup_programs(&cgroup)?.len(), 2);
+    assert_eq!(bpftool_cgroup_programs(&cgroup)?.len(), 4);
     run(bed.beamredir().args(["down", "--session", &session]))?;
     assert!(!cgroup.exists(), "session cgroup left behind");
     assert!(bed.session_status(&session).is_none());
@@ -78,7 +87,9 @@ fn sigkill_detaches_the_programs_and_the_next_run_cleans_the_stale_cgroup() -> R
     let cgroup = std::path::PathBuf::from(status["cgroup_path"].as_str().unwrap());
     let attached = bpftool_cgroup_programs(&cgroup)?;
     let types: Vec<_> = attached.iter().map(|(t, _)| t.as_str()).collect();
-    assert!(types.contains(&"cgroup_inet4_connect") && types.contains(&"cgroup_inet4_getpeername"), "{attached:?}");
+    for t in ["cgroup_inet4_connect", "cgroup_inet4_getpeername", "cgroup_inet6_connect", "cgroup_inet6_getpeername"] {
+        assert!(types.contains(&t), "{t} not attached: {attached:?}");
+    }
 
     map.0.kill()?; // SIGKILL: no teardown code runs.
     map.0.wait()?;
@@ -133,7 +144,7 @@ fn existing_cgroup_scope_is_used_and_left_in_place() -> Result<()> {
         .args(["exec", "--session", &session, "--", "python3", "-c", PEER_SCRIPT])
         .args([bed.pod.ip.to_string(), EPMD_PORT.to_string()]))?;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{}:{EPMD_PORT}", bed.pod.ip));
-    assert_eq!(bpftool_cgroup_programs(&own.0)?.len(), 2);
+    assert_eq!(bpftool_cgroup_programs(&own.0)?.len(), 4);
     run(bed.beamredir().args(["down", "--session", &session]))?;
     assert!(own.0.exists(), "beamredir removed a cgroup it did not create");
     assert!(bpftool_cgroup_programs(&own.0)?.is_empty());
