@@ -1,9 +1,10 @@
-//! beamredir's kernel side: two `cgroup_sock_addr` programs, one small function per hook.
+//! beamredir's kernel side: `cgroup_sock_addr` programs, one small function per hook.
 //!
 //! * `connect4` rewrites connect() to a pod endpoint into the local forward endpoint and
 //!   remembers, in the socket's own storage, what the application dialled.
 //! * `getpeername4` is its reverse: getpeername() on such a socket reports the pod endpoint,
 //!   so the application cannot tell it was redirected.
+//! * `connect6`/`getpeername6` do the same for dual-stack sockets dialling `::ffff:POD_IP`.
 #![no_std]
 #![no_main]
 
@@ -38,25 +39,64 @@ static ORIGINAL_PEERS: SkStorage<Ipv4Endpoint> = SkStorage::new();
 
 #[cgroup_sock_addr(connect4)]
 pub fn beamredir_connect4(ctx: SockAddrContext) -> i32 {
-    redirect_connect(&ctx);
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ == SOCK_STREAM {
+        if let Some(forward) = redirect(&ctx, Ipv4Endpoint::from_raw(sa.user_ip4, sa.user_port)) {
+            sa.user_ip4 = forward.addr_be;
+            sa.user_port = forward.port_be as u32;
+        }
+    }
     PROCEED
 }
 
-#[inline(always)]
-fn redirect_connect(ctx: &SockAddrContext) {
-    // SAFETY: the kernel hands the program a valid bpf_sock_addr.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
-        return;
+#[cgroup_sock_addr(getpeername4)]
+pub fn beamredir_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(dialled) = dialled_by(&ctx) {
+        // SAFETY: as above.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = dialled.addr_be;
+        sa.user_port = dialled.port_be as u32;
     }
-    let dialled = Ipv4Endpoint::from_raw(sa.user_ip4, sa.user_port);
-    // SAFETY: the value is copied out before any other map operation.
-    let Some(forward) = (unsafe { REDIRECTS.get(&dialled) }).copied() else {
-        return;
-    };
-    sa.user_ip4 = forward.addr_be;
-    sa.user_port = forward.port_be as u32;
+    PROCEED
+}
 
+/// `::ffff:0:0/96` in network byte order, as the words of `user_ip6`.
+const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_be(0x0000_ffff)];
+
+/// A dual-stack (AF_INET6) socket dialling an IPv4 pod as `::ffff:a.b.c.d` goes through the
+/// connect6 hook, not connect4: the same redirect, on the mapped address.
+#[cgroup_sock_addr(connect6)]
+pub fn beamredir_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let ip6 = sa.user_ip6;
+    if sa.type_ == SOCK_STREAM && ip6[0] == V4_MAPPED_PREFIX[0] && ip6[1] == V4_MAPPED_PREFIX[1] && ip6[2] == V4_MAPPED_PREFIX[2] {
+        if let Some(forward) = redirect(&ctx, Ipv4Endpoint::from_raw(ip6[3], sa.user_port)) {
+            sa.user_ip6[3] = forward.addr_be;
+            sa.user_port = forward.port_be as u32;
+        }
+    }
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn beamredir_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(dialled) = dialled_by(&ctx) {
+        // SAFETY: as above.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6[3] = dialled.addr_be;
+        sa.user_port = dialled.port_be as u32;
+    }
+    PROCEED
+}
+
+/// The forward for a dialled pod endpoint, if it is redirected. On a hit the dialled endpoint
+/// is remembered in the socket's storage (for getpeername) and counted.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, dialled: Ipv4Endpoint) -> Option<Ipv4Endpoint> {
+    // SAFETY: the value is copied out before any other map operation.
+    let forward = (unsafe { REDIRECTS.get(&dialled) }).copied()?;
     let mut remembered = dialled;
     // SAFETY: the context's socket is valid for the duration of the program.
     let slot = unsafe { ORIGINAL_PEERS.get_or_insert_ptr_mut(ctx, Some(&mut remembered)) };
@@ -72,80 +112,21 @@ fn redirect_connect(ctx: &SockAddrContext) {
     // then prunes this branch, so logging costs nothing when it is off.
     debug!(
         ctx,
-        "connect4 {:i}:{} -> {:i}:{}",
+        "connect {:i}:{} -> {:i}:{}",
         u32::from_be(dialled.addr_be),
         dialled.port(),
         u32::from_be(forward.addr_be),
         forward.port()
     );
+    Some(forward)
 }
 
-#[cgroup_sock_addr(getpeername4)]
-pub fn beamredir_getpeername4(ctx: SockAddrContext) -> i32 {
-    restore_peer(&ctx);
-    PROCEED
-}
-
+/// What a redirected socket dialled (None for sockets beamredir did not redirect).
 #[inline(always)]
-fn restore_peer(ctx: &SockAddrContext) {
-    // SAFETY: as above.
-    let sa = unsafe { &mut *ctx.sock_addr };
+fn dialled_by(ctx: &SockAddrContext) -> Option<Ipv4Endpoint> {
     // SAFETY: the context's socket is valid; the slot is copied out at once.
     let slot = unsafe { ORIGINAL_PEERS.get_ptr_mut(ctx) };
-    if !slot.is_null() {
-        let dialled = unsafe { *slot };
-        sa.user_ip4 = dialled.addr_be;
-        sa.user_port = dialled.port_be as u32;
-    }
-}
-
-/// `::ffff:0:0/96` in network byte order, as the words of `user_ip6`.
-const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_be(0x0000_ffff)];
-
-/// A dual-stack (AF_INET6) socket dialling an IPv4 pod as `::ffff:a.b.c.d` goes through the
-/// connect6 hook, not connect4: the same redirect, on the mapped address.
-#[cgroup_sock_addr(connect6)]
-pub fn beamredir_connect6(ctx: SockAddrContext) -> i32 {
-    redirect_connect6(&ctx);
-    PROCEED
-}
-
-#[inline(always)]
-fn redirect_connect6(ctx: &SockAddrContext) {
-    // SAFETY: the kernel hands the program a valid bpf_sock_addr.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM || sa.user_ip6[0] != V4_MAPPED_PREFIX[0] || sa.user_ip6[1] != V4_MAPPED_PREFIX[1] || sa.user_ip6[2] != V4_MAPPED_PREFIX[2] {
-        return;
-    }
-    let dialled = Ipv4Endpoint::from_raw(sa.user_ip6[3], sa.user_port);
-    // SAFETY: the value is copied out before any other map operation.
-    let Some(forward) = (unsafe { REDIRECTS.get(&dialled) }).copied() else {
-        return;
-    };
-    sa.user_ip6[3] = forward.addr_be;
-    sa.user_port = forward.port_be as u32;
-    let mut remembered = dialled;
-    // SAFETY: the context's socket is valid for the duration of the program.
-    let slot = unsafe { ORIGINAL_PEERS.get_or_insert_ptr_mut(ctx, Some(&mut remembered)) };
-    if !slot.is_null() {
-        unsafe { *slot = dialled };
-    }
-    if let Some(count) = REDIRECT_COUNTS.get_ptr_mut(&dialled) {
-        unsafe { *count += 1 };
-    }
-}
-
-#[cgroup_sock_addr(getpeername6)]
-pub fn beamredir_getpeername6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: as above; the slot is copied out at once.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let slot = unsafe { ORIGINAL_PEERS.get_ptr_mut(&ctx) };
-    if !slot.is_null() {
-        let dialled = unsafe { *slot };
-        sa.user_ip6[3] = dialled.addr_be;
-        sa.user_port = dialled.port_be as u32;
-    }
-    PROCEED
+    if slot.is_null() { None } else { Some(unsafe { *slot }) }
 }
 
 #[cfg(not(test))]

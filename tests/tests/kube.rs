@@ -353,17 +353,23 @@ spec:
     Ok(())
 }
 
-#[test]
-fn under_sudo_the_invoking_users_kubeconfig_is_used() -> Result<()> {
-    let cluster = SimCluster::start(EXAMPLE_MANIFEST)?;
-    let state = TempDir::new("brstate")?;
+/// A real unprivileged user with a home, to play the one who ran `sudo beamredir`:
+/// (name, home, uid, gid). Created once per machine.
+fn sudo_user() -> Result<(&'static str, std::path::PathBuf, String, String)> {
     let user = "beamredir-test";
     let home = std::path::PathBuf::from("/var/tmp/beamredir-test-home");
     if Command::new("id").arg(user).output()?.status.code() != Some(0) {
         run(Command::new("useradd").args(["--system", "--create-home", "--home-dir"]).arg(&home).args(["--shell", "/bin/sh", user]))?;
     }
-    let uid = String::from_utf8(run(Command::new("id").args(["-u", user]))?.stdout)?.trim().to_string();
-    let gid = String::from_utf8(run(Command::new("id").args(["-g", user]))?.stdout)?.trim().to_string();
+    let id = |flag: &str| -> Result<String> { Ok(String::from_utf8(run(Command::new("id").args([flag, user]))?.stdout)?.trim().to_string()) };
+    Ok((user, home, id("-u")?, id("-g")?))
+}
+
+#[test]
+fn under_sudo_the_invoking_users_kubeconfig_is_used() -> Result<()> {
+    let cluster = SimCluster::start(EXAMPLE_MANIFEST)?;
+    let state = TempDir::new("brstate")?;
+    let (user, home, uid, gid) = sudo_user()?;
     std::fs::create_dir_all(home.join(".kube"))?;
     std::fs::copy(&cluster.kubeconfig, home.join(".kube/config"))?;
     let ip = cluster.pod_ip("app-0").unwrap();
@@ -392,13 +398,7 @@ fn under_sudo_the_invoking_users_kubeconfig_is_used() -> Result<()> {
 fn under_sudo_kubeconfig_exec_plugins_run_as_the_invoking_user() -> Result<()> {
     let cluster = SimCluster::start(EXAMPLE_MANIFEST)?;
     let state = TempDir::new("brstate")?;
-    let user = "beamredir-test";
-    let home = std::path::PathBuf::from("/var/tmp/beamredir-test-home");
-    if Command::new("id").arg(user).output()?.status.code() != Some(0) {
-        run(Command::new("useradd").args(["--system", "--create-home", "--home-dir"]).arg(&home).args(["--shell", "/bin/sh", user]))?;
-    }
-    let uid = String::from_utf8(run(Command::new("id").args(["-u", user]))?.stdout)?.trim().to_string();
-    let gid = String::from_utf8(run(Command::new("id").args(["-g", user]))?.stdout)?.trim().to_string();
+    let (user, home, uid, gid) = sudo_user()?;
     // A credential plugin (as aws/gcloud/kubelogin are) that records who ran it and where.
     let dir = TempDir::new("brplugin")?;
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;

@@ -172,3 +172,28 @@ fn command_exit_code_is_passed_on_and_the_command_runs_as_the_sudo_user() -> Res
     assert!(lines[3].starts_with('x'));
     Ok(())
 }
+
+#[test]
+fn verbose_logs_each_rewrite_from_the_kernel_and_quiet_logs_none() -> Result<()> {
+    let bed = TestBed::start()?;
+    let connect = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()";
+    let run_map = |verbose: bool| -> Result<String> {
+        let mut cmd = bed.beamredir();
+        if verbose {
+            cmd.arg("-v");
+        }
+        let out = run(cmd
+            .args(["map", "--session", &unique("v")])
+            .args(bed.mappings())
+            .args(["--", "python3", "-c", connect])
+            .args([bed.pod.ip.to_string(), EPMD_PORT.to_string()])
+            .stdin(Stdio::null()))?;
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let line = format!("connect {}:{EPMD_PORT} -> {}", bed.pod.ip, bed.epmd_relay.addr());
+    let loud = run_map(true)?;
+    assert!(loud.contains(&line), "no eBPF log line {line:?} with -v:\n{loud}");
+    let quiet = run_map(false)?;
+    assert!(!quiet.contains("connect 10."), "eBPF logged without -v:\n{quiet}");
+    Ok(())
+}
