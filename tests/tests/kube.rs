@@ -49,6 +49,13 @@ fn up_pod_pings_rpcs_and_round_trips_32_mib() -> Result<()> {
     assert!(!t.contains(COOKIE), "the banner must not print the cookie:\n{t}");
     // The bytes went through the API server's port-forward subresource.
     assert!(cluster.audit().iter().filter(|a| a.starts_with("create pods/portforward default/app-0")).count() >= 3);
+    // Nothing is left: no record, socket, lock, inetrc or hosts file, no session cgroup.
+    let left: Vec<_> = std::fs::read_dir(state.path())?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".erlang.cookie"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
     Ok(())
 }
 
