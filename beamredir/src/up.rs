@@ -297,19 +297,19 @@ impl Pods {
         // Whatever was learned between start-up and now (e.g. a dist port) goes into the map.
         self.refresh();
         let api: Api<Pod> = Api::namespaced(self.0.cluster.client.clone(), &self.0.cluster.namespace);
-        let configs: Vec<watcher::Config> = match (&self.0.config.source, &self.0.selector) {
-            (PodSource::Names(names), _) => names.iter().map(|n| watcher::Config::default().fields(&format!("metadata.name={n}"))).collect(),
-            (_, Some(selector)) => vec![watcher::Config::default().labels(selector)],
+        // One watch per named pod (covering just that name), or one for the selector
+        // (covering every pod it finds: an empty list means "all").
+        let watches: Vec<(watcher::Config, Vec<String>)> = match (&self.0.config.source, &self.0.selector) {
+            (PodSource::Names(names), _) => {
+                names.iter().map(|n| (watcher::Config::default().fields(&format!("metadata.name={n}")), vec![n.clone()])).collect()
+            }
+            (_, Some(selector)) => vec![(watcher::Config::default().labels(selector), Vec::new())],
             (_, None) => Vec::new(),
         };
-        configs
+        watches
             .into_iter()
-            .map(|config| {
+            .map(|(config, covered)| {
                 let (pods, api) = (self.clone(), api.clone());
-                let covered = match &self.0.config.source {
-                    PodSource::Names(names) => names.clone(),
-                    _ => Vec::new(), // a selector covers every pod we know
-                };
                 tokio::spawn(async move {
                     let mut events = watcher(api, config).default_backoff().boxed();
                     // Pods seen during a (re)list: any known pod missing from it was deleted

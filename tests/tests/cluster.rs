@@ -71,19 +71,21 @@ fn statefulset_with_random_dist_ports_full_mesh_by_dns_name() -> Result<()> {
         .collect();
     assert_eq!(dist_ports.len(), 3, "{stderr}");
 
-    // A visible node that pings app-0 only: global connects it to app-1 and app-2 itself,
-    // through the redirects. (Pods cannot dial back to a workstation, here as in a real
-    // cluster, so OTP 25's partition prevention is switched off for this node.)
+    // A visible node that pings app-0 only: global then connects it to app-1 and app-2 by
+    // itself, through the redirects and the DNS names. Watch the connections come up (pods
+    // cannot dial back to a workstation, so OTP 25's partition prevention may drop some of
+    // them again later; that is Erlang's business, not the redirect's).
     let (stdout, _) = run_node(
-        &["-kernel", "prevent_overlapping_partitions", "false"],
+        &[],
         format!(
-            "pong = net_adm:ping('{}'), \
-             W = fun W(0) -> nodes(); W(N) -> case length(nodes()) >= 3 of true -> nodes(); false -> timer:sleep(200), W(N-1) end end, \
-             io:format(\"mesh=~w~n\", [lists:sort(W(100))]), halt().",
+            "ok = net_kernel:monitor_nodes(true), pong = net_adm:ping('{}'), \
+             C = fun C(Seen, 0) -> Seen; C(Seen, N) -> case length(Seen) >= 3 of true -> Seen; false -> \
+               receive {{nodeup, Nd}} -> C(lists:usort([Nd | Seen]), N) after 200 -> C(Seen, N - 1) end end end, \
+             io:format(\"nodeups=~w~n\", [C([], 100)]), halt().",
             fqdn(0)
         ),
     )?;
-    assert!(stdout.contains(&format!("mesh={all}")), "global did not mesh the local node with every pod:\n{stdout}");
+    assert!(stdout.contains(&format!("nodeups={all}")), "global did not reach every pod from the local node:\n{stdout}");
     Ok(())
 }
 
@@ -216,5 +218,41 @@ spec:
     let status = status_of(&cluster, &state, &session).context("status")?;
     assert_eq!(status["state"], "running");
     assert_eq!(status["pods"].as_array().unwrap().len(), 2);
+    Ok(())
+}
+
+#[test]
+fn several_pods_by_name_all_stay_redirected_once_the_watches_have_listed() -> Result<()> {
+    let cluster = SimCluster::start(MANIFEST)?;
+    let state = TempDir::new("brstate")?;
+    let session = unique("two");
+    let child = cluster
+        .beamredir(state.path())
+        .args(["up", "--pod", "app-0", "--pod", "app-2", "--session", &session])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let _up = Proc(child);
+    let both_redirected = || {
+        status_of(&cluster, &state, &session).is_some_and(|s| {
+            let rs = s["redirects"].as_array().cloned().unwrap_or_default();
+            ["app-0", "app-2"].iter().all(|p| {
+                let ip = cluster.pod_ip(p).unwrap().to_string();
+                rs.iter().filter(|r| r["pod"].as_str().unwrap_or("").starts_with(&format!("{ip}:"))).count() == 2
+            })
+        })
+    };
+    wait_until("both pods redirected", Duration::from_secs(30), both_redirected)?;
+    // Each pod's watch lists (InitDone) within moments: neither may take the other for deleted.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(both_redirected(), "{:#?}", status_of(&cluster, &state, &session));
+    let script = format!("io:format(\"~p~n\", [[net_adm:ping(N) || N <- ['{}', '{}']]]), halt().", fqdn(0), fqdn(2));
+    let out = run(cluster
+        .beamredir(state.path())
+        .args(["exec", "--session", &session, "--", "erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", &script])
+        .env("HOME", state.path())
+        .stdin(Stdio::null()))?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[pong,pong]"), "{}", String::from_utf8_lossy(&out.stdout));
     Ok(())
 }
