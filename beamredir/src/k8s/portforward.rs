@@ -8,11 +8,14 @@
 //! channel 2i and error channel 2i+1; the first frame on each carries the port (u16 LE).
 use std::sync::{Arc, atomic::Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use kube::client::Connection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{Message, protocol::{Role, WebSocketConfig}},
+};
 
 use super::{Cluster, error::{K8sError, classify}};
 use crate::forward::ConnStats;
@@ -22,8 +25,14 @@ const ERROR: u8 = 1;
 /// v5.channel.k8s.io: a frame on channel 255 whose payload is a channel id closes that
 /// channel's sending side.
 const CLOSE_SIGNAL: u8 = 255;
-/// Largest payload per frame; large enough that per-frame overhead stays negligible.
-const FRAME: usize = 256 * 1024;
+/// Largest payload per frame: large enough that per-frame overhead stays negligible, small
+/// enough that a whole frame (with its channel byte, WebSocket header and mask) fits rustls'
+/// 64 KiB send buffer in one write. Larger frames are taken in several writes, and tungstenite
+/// moves the rest of its out buffer to the front after each: with 256 KiB frames that was
+/// 384 KiB of memmove per frame.
+const FRAME: usize = 64 * 1024 - 64;
+/// tungstenite's read buffer per connection (what one read from the TLS stream may return).
+const READ_BUFFER: usize = 16 * 1024;
 const LINGER_AFTER_LOCAL_EOF: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Opens a port-forward WebSocket to `pod` port `port`.
@@ -92,7 +101,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let can_half_close = conn.supports_stream_close();
-    let (mut sink, mut stream) = conn.into_stream().split();
+    // kube opens the WebSocket with tungstenite's default 128 KiB read buffer, which it zeroes
+    // on every read: 128 KiB resident per connection however little it carries (12.5 MiB for
+    // 100 idle connections), and a 128 KiB memset per small message. Nothing has been read
+    // yet (kube only wraps the upgraded stream), so re-wrap the same stream with a buffer the
+    // size of a TLS record.
+    let io = conn.into_stream().into_inner();
+    let ws = WebSocketStream::from_raw_socket(io, Role::Client, Some(WebSocketConfig::default().read_buffer_size(READ_BUFFER))).await;
+    let (mut sink, mut stream) = ws.split();
     let (mut local_rd, mut local_wr) = tokio::io::split(local);
 
     // local -> pod. Runs until the local side stops sending.
@@ -101,16 +117,18 @@ where
     let local_eof_tx = local_eof.clone();
     let up_inspector = inspector.clone();
     let mut to_pod = tokio::spawn(async move {
+        // One buffer for the connection's life: each frame is read into its spare capacity
+        // (not zeroed), split off and frozen; once the WebSocket has written a frame and
+        // dropped it, `reserve` takes the same allocation back. So a small message costs a
+        // small copy, not a fresh 256 KiB allocation and memset.
         let mut buf = BytesMut::with_capacity(FRAME + 1);
         loop {
-            buf.clear();
-            buf.extend_from_slice(&[DATA]);
-            buf.resize(FRAME + 1, 0);
-            let n = match local_rd.read(&mut buf[1..]).await {
+            buf.reserve(FRAME + 1);
+            buf.put_u8(DATA);
+            let n = match local_rd.read_buf(&mut (&mut buf).limit(FRAME)).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            buf.truncate(n + 1);
             up_inspector.to_pod(&buf[1..]);
             if sink.send(Message::Binary(buf.split().freeze())).await.is_err() {
                 return None;

@@ -553,6 +553,8 @@ impl ApiServer {
             let mut connections = JoinSet::new();
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
+                // As the real API server: Go sets TCP_NODELAY on every TCP connection.
+                let _ = tcp.set_nodelay(true);
                 let (state, tls) = (state.clone(), tls.clone());
                 connections.spawn(async move {
                     let Ok(stream) = tls.accept(tcp).await else { return };

@@ -5,10 +5,17 @@
 //! * `results.json`: every repetition, machine-readable;
 //! * one SVG plot per benchmark (`connect_cost.svg`).
 //!
-//! Each benchmark is a sibling module that returns its results, a Markdown section, a JSON
-//! value and its plots; [`report`] (machine info, Markdown, JSON) and [`plot`] (SVG charts)
-//! are shared. Today there is one: [`connect`], the cost of one `connect()` to a pod address
-//! redirected by beamredir, against plain loopback and against the iptables DNAT recipe.
+//! Each benchmark is a sibling module that returns its results, a Markdown section and a JSON
+//! value; [`report`] (machine info, Markdown, JSON) and [`plot`] (SVG charts) are shared:
+//!
+//! 1. [`connect`]: the cost of one `connect()` to a pod address redirected by beamredir,
+//!    against plain loopback and against the iptables DNAT recipe;
+//! 2. [`tunnel`]: throughput and round trips through beamredir's port-forward (simulated API
+//!    server), against a plain 2-hop TCP relay and a direct route;
+//! 3. [`erlang`]: `rpc:call` round trips and a 64 MiB binary, beamredir against direct;
+//! 4. [`startup`]: `beamredir up` start-up time and resident memory.
+//!
+//! 2-4 share one simulated cluster and its namespaces ([`sim`]).
 //!
 //! Benchmarks assert nothing about time: they measure and report. Every namespace, session
 //! and rule they create is removed on the way out, also on error or Ctrl-C.
@@ -23,8 +30,15 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 
 mod connect;
+mod erlang;
 mod plot;
 mod report;
+mod sim;
+mod startup;
+mod tunnel;
+
+/// The benchmarks, in the order they run.
+const PARTS: [&str; 4] = ["connect", "tunnel", "erlang", "startup"];
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -41,6 +55,9 @@ pub struct BenchArgs {
     /// --smoke 1,10).
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=16_000))]
     pub sizes: Vec<u32>,
+    /// Run only these benchmarks (comma-separated: connect, tunnel, erlang, startup; default all).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(PARTS))]
+    pub only: Vec<String>,
 }
 
 impl BenchArgs {
@@ -60,7 +77,14 @@ impl BenchArgs {
             let sizes: Vec<String> = self.sizes.iter().map(u32::to_string).collect();
             cmd.push_str(&format!(" --sizes {}", sizes.join(",")));
         }
+        if !self.only.is_empty() {
+            cmd.push_str(&format!(" --only {}", self.only.join(",")));
+        }
         cmd
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
     }
 }
 
@@ -83,36 +107,82 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(beamredir.is_file(), "no beamredir binary at {}", beamredir.display());
     install_interrupt_handler();
 
-    let client = compile_c(&crate::workspace_root().join("xtask/bench/connect_bench.c"), &out.join("connect_bench"))?;
+    let root = crate::workspace_root();
+    let client = compile_c(&root.join("xtask/bench/connect_bench.c"), &out.join("connect_bench"))?;
+    let tunnel_bench = compile_c(&root.join("xtask/bench/tunnel_bench.c"), &out.join("tunnel_bench"))?;
     let command = format!("sudo -E env PATH=\"$PATH\" {}", args.command_line());
     let before = report::Machine::collect();
     let started = Instant::now();
 
-    let config = connect::Config::new(&args);
-    println!("bench: connect() cost, {}", config.describe());
-    let results = connect::run(&config, &client, &beamredir)?;
+    let mut sections = Vec::new();
+    let mut json_parts = Vec::new();
+    let mut console = Vec::new();
+    let mut files = vec![];
+    if args.wants("connect") {
+        let config = connect::Config::new(&args);
+        println!("bench 1/4: connect() cost, {}", config.describe());
+        let results = connect::run(&config, &client, &beamredir)?;
+        let connect_svg = out.join("connect_cost.svg");
+        std::fs::write(&connect_svg, connect::plot(&results, &report::Machine::collect()))
+            .with_context(|| format!("writing {}", connect_svg.display()))?;
+        files.push(connect_svg.display().to_string());
+        sections.push(connect::markdown(&results, "connect_cost.svg"));
+        json_parts.push(("connect", connect::json(&results)));
+        console.push(format!("{}\n{}", connect::markdown_table(&results), connect::verdict(&results)));
+    }
+    if ["tunnel", "erlang", "startup"].iter().any(|p| args.wants(p)) {
+        check_interrupted()?;
+        println!("bench: starting the simulated cluster (pods tunnel-0, erl-0), the relay and direct namespaces, `beamredir up`");
+        let bed = sim::Bed::start(&tunnel_bench, &beamredir)?;
+        if args.wants("tunnel") {
+            let config = tunnel::Config::new(&args);
+            println!("bench 2/4: tunnel throughput and latency, {}", config.describe());
+            let results = tunnel::run(&config, &bed)?;
+            sections.push(tunnel::markdown(&results));
+            json_parts.push(("tunnel", tunnel::json(&results)));
+            console.push(format!("{}\n{}", tunnel::markdown_table(&results), tunnel::verdict(&results)));
+        }
+        if args.wants("erlang") {
+            let config = erlang::Config::new(&args);
+            println!("bench 3/4: Erlang distribution, {}", config.describe());
+            let results = erlang::run(&config, &bed)?;
+            sections.push(erlang::markdown(&results));
+            json_parts.push(("erlang", erlang::json(&results)));
+            console.push(format!("{}\n{}", erlang::markdown_table(&results), erlang::verdict(&results)));
+        }
+        if args.wants("startup") {
+            let config = startup::Config::new(&args);
+            println!("bench 4/4: start-up and footprint, {}", config.describe());
+            let results = startup::run(&config, &bed)?;
+            sections.push(startup::markdown(&results));
+            json_parts.push(("startup", startup::json(&results)));
+            console.push(format!("{}\n{}", startup::markdown_table(&results), startup::verdict(&results)));
+        }
+        println!("bench: tearing down the simulated cluster");
+    }
 
     let machine = before.finish();
     let elapsed = started.elapsed();
-    let connect_svg = out.join("connect_cost.svg");
-    std::fs::write(&connect_svg, connect::plot(&results, &machine)).with_context(|| format!("writing {}", connect_svg.display()))?;
-    let md = report::markdown(&machine, &command, elapsed, &[connect::markdown(&results, "connect_cost.svg")]);
-    let json = report::json(&machine, &command, elapsed, vec![("connect", connect::json(&results))]);
+    let md = report::markdown(&machine, &command, elapsed, &sections);
+    let json = report::json(&machine, &command, elapsed, json_parts);
     let md_path = out.join("report.md");
     let json_path = out.join("results.json");
     std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("writing {}", json_path.display()))?;
 
-    println!("\n{}", connect::markdown_table(&results));
-    println!("{}", connect::verdict(&results));
-    println!("bench: done in {:.0} s: {}, {}, {}", elapsed.as_secs_f64(), md_path.display(), json_path.display(), connect_svg.display());
+    for c in console {
+        println!("\n{c}");
+    }
+    files.insert(0, json_path.display().to_string());
+    files.insert(0, md_path.display().to_string());
+    println!("bench: done in {:.0} s: {}", elapsed.as_secs_f64(), files.join(", "));
     Ok(())
 }
 
 /// Compiles a C benchmark client with `cc -O2`.
 fn compile_c(src: &Path, bin: &Path) -> Result<PathBuf> {
-    crate::run(Command::new("cc").args(["-O2", "-Wall", "-Wextra", "-o"]).arg(bin).arg(src))
+    crate::run(Command::new("cc").args(["-O2", "-Wall", "-Wextra", "-pthread", "-o"]).arg(bin).arg(src))
         .with_context(|| format!("compiling {} (is a C compiler installed?)", src.display()))?;
     Ok(bin.to_path_buf())
 }

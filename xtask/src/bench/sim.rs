@@ -1,0 +1,299 @@
+//! The bed that benchmarks 2-4 share: a simulated Kubernetes cluster (`beamredir_testbed`'s
+//! [`SimCluster`]) running `xtask/bench/cluster.yaml`, and the namespaces the comparison cases
+//! need next to beamredir's path:
+//!
+//! * **workstation** (the cluster's own): the API server on 127.0.0.1, `beamredir up` and the
+//!   clients it runs (`beamredir exec`). No route to any pod IP.
+//! * **direct** (`brbd…`): the one namespace with a route to the pods: a veth pair per pod,
+//!   10.250.0.1 on its loopback, `POD_IP/32 dev bdN` here and `10.250.0.1/32 dev bdpN` in the pod.
+//!   Only between these namespaces: nothing is routed anywhere else.
+//! * **relay** (`brbr…`): two plain TCP relays in a chain, `127.0.0.1:R1 → 127.0.0.1:R2 →
+//!   127.0.0.1:9100 inside the pod` (dialled from inside the pod's namespace, as the kubelet
+//!   does): the same hops as beamredir's client → forward → API server → pod.
+//!
+//! Everything goes on drop, in field order, also on error or Ctrl-C.
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use beamredir_testbed::{Netns, Proc, TempDir, cluster::SimCluster, unique};
+use serde_json::Value;
+
+use super::{check_interrupted, run_bounded, run_cleanup};
+
+pub const TUNNEL_POD: &str = "tunnel-0";
+pub const ERL_POD: &str = "erl-0";
+/// tunnel_bench's server in the tunnel pod (its declared `dist` port).
+pub const TUNNEL_PORT: u16 = 9100;
+pub const COOKIE: &str = "benchcookie";
+/// The direct namespace's own address (on its loopback; the pods route it back over the veth).
+const DIRECT_SRC: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+
+/// The manifest, with the server's path filled in.
+pub fn manifest(tunnel_bench: &Path) -> String {
+    include_str!("../../bench/cluster.yaml").replace("@TUNNEL_BENCH@", &tunnel_bench.display().to_string())
+}
+
+/// Lines of a child's output as they arrive, each with its arrival time.
+pub type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
+
+fn collect_lines(pipe: impl Read + Send + 'static, lines: Lines) {
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            lines.lock().unwrap().push((Instant::now(), line));
+        }
+    });
+}
+
+/// A `beamredir up` session in the workstation namespace, with a state dir of its own (so its
+/// clean-up, `down --all`, touches nothing else). Ended on drop.
+pub struct UpSession {
+    pub name: String,
+    pub started: Instant,
+    pub pid: u32,
+    pub stderr: Lines,
+    proc: Option<Proc>,
+    ws: PathBuf,
+    kubeconfig: PathBuf,
+    bin: PathBuf,
+    state: TempDir,
+}
+
+impl UpSession {
+    /// Starts `beamredir [-v] up --pod P… --session NAME`; does not wait (see [`UpSession::wait_up`]).
+    pub fn start(cluster: &SimCluster, bin: &Path, pods: &[&str], verbose: bool) -> Result<Self> {
+        let state = TempDir::new("brbench-up")?;
+        let mut s = UpSession {
+            name: unique("bup"),
+            started: Instant::now(),
+            pid: 0,
+            stderr: Lines::default(),
+            proc: None,
+            ws: cluster.ws.path(),
+            kubeconfig: cluster.kubeconfig.clone(),
+            bin: bin.to_path_buf(),
+            state,
+        };
+        let mut cmd = s.beamredir();
+        if verbose {
+            cmd.arg("-v");
+        }
+        cmd.args(["up", "--session", &s.name]);
+        for p in pods {
+            cmd.args(["--pod", p]);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        s.started = Instant::now();
+        let mut child = cmd.spawn().context("starting beamredir up")?;
+        // nsenter --net execs beamredir in place (it forks only for a PID namespace).
+        s.pid = child.id();
+        collect_lines(child.stderr.take().unwrap(), s.stderr.clone());
+        s.proc = Some(Proc(child));
+        Ok(s)
+    }
+
+    /// Waits for the banner ("… is up (pid N)."); returns when its line arrived.
+    pub fn wait_up(&mut self, timeout: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            check_interrupted()?;
+            if let Some((t, _)) = self.stderr.lock().unwrap().iter().find(|(_, l)| l.contains(" is up (pid ")) {
+                return Ok(*t);
+            }
+            if let Some(status) = self.proc.as_mut().unwrap().0.try_wait()? {
+                thread::sleep(Duration::from_millis(100));
+                bail!("beamredir up exited early ({status}): {}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("beamredir up did not come up within {timeout:?}: {}", self.log());
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+    }
+
+    /// `beamredir --state-dir D ARGS` in the workstation namespace, against the cluster.
+    pub fn beamredir(&self) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ws.display()))
+            .arg("--")
+            .arg(&self.bin)
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .env("KUBECONFIG", &self.kubeconfig);
+        // What `exec` starts then runs as root like the other cases' clients.
+        cmd.env_remove("SUDO_UID").env_remove("SUDO_GID").env_remove("SUDO_USER");
+        cmd
+    }
+
+    /// `PROGRAM` run in the session (`beamredir exec`).
+    pub fn exec(&self, program: &Path) -> Command {
+        let mut cmd = self.beamredir();
+        cmd.args(["-q", "exec", "--session", &self.name, "--"]).arg(program);
+        cmd
+    }
+
+    /// This session's `status --json` entry.
+    pub fn status(&self) -> Option<Value> {
+        let out = run_bounded(self.beamredir().args(["status", "--json"]), Duration::from_secs(10)).ok()?;
+        let all: Value = serde_json::from_str(&out).ok()?;
+        all.as_array()?.iter().find(|s| s["name"] == self.name.as_str()).cloned()
+    }
+
+    /// (VmRSS, VmHWM) of the beamredir process, in KiB.
+    pub fn memory_kib(&self) -> Result<(u64, u64)> {
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.pid)).unwrap_or_default();
+        ensure!(comm.trim() == "beamredir", "process {} is {:?}, not beamredir", self.pid, comm.trim());
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let field = |name: &str| -> Result<u64> {
+            let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in /proc/PID/status"))?;
+            Ok(line.split_whitespace().nth(1).context("malformed")?.parse()?)
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
+    }
+}
+
+impl Drop for UpSession {
+    fn drop(&mut self) {
+        let _ = run_cleanup(self.beamredir().args(["-q", "down", "--session", &self.name]), Duration::from_secs(15));
+        if let Some(mut proc) = self.proc.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(proc.0.try_wait(), Ok(None)) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            drop(proc); // kills it if it is still there
+        }
+        let _ = run_cleanup(self.beamredir().args(["-q", "down", "--all"]), Duration::from_secs(15));
+    }
+}
+
+/// A long-running helper (a relay) that prints one JSON line when ready. Killed on drop.
+pub struct Helper {
+    pub ready: Value,
+    _proc: Proc,
+}
+
+impl Helper {
+    pub fn start(cmd: &mut Command, timeout: Duration) -> Result<Self> {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {cmd:?}"))?;
+        let stdout = child.stdout.take().unwrap();
+        let stderr = Lines::default();
+        collect_lines(child.stderr.take().unwrap(), stderr.clone());
+        let proc = Proc(child);
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(timeout).map_err(|_| anyhow::anyhow!("{cmd:?}: not ready within {timeout:?}"))?;
+        let ready: Value = serde_json::from_str(line.trim()).with_context(|| {
+            let err: Vec<String> = stderr.lock().unwrap().iter().map(|l| l.1.clone()).collect();
+            format!("{cmd:?} said {line:?} {}", err.join(" "))
+        })?;
+        ensure!(ready["ready"] == true, "{cmd:?} said {ready}");
+        Ok(Helper { ready, _proc: proc })
+    }
+}
+
+/// The whole bed. Fields drop in order: sessions, relays and namespaces before the cluster.
+pub struct Bed {
+    /// `beamredir up --pod tunnel-0`.
+    pub session: UpSession,
+    /// `beamredir up --pod erl-0`. One pod per session: with two `--pod` names, each name's
+    /// watch takes the other pod for deleted when it (re)lists (see docs/performance.md).
+    pub erl_session: UpSession,
+    /// Kept alive for the bed's lifetime (killed on drop).
+    pub _relays: Vec<Helper>,
+    /// Where the relay chain starts (in `relay_ns`).
+    pub relay_port: u16,
+    pub relay_ns: Netns,
+    pub direct: Netns,
+    pub tunnel_ip: Ipv4Addr,
+    pub erl_ip: Ipv4Addr,
+    pub tunnel_bench: PathBuf,
+    pub beamredir: PathBuf,
+    pub cluster: SimCluster,
+}
+
+impl Bed {
+    pub fn start(tunnel_bench: &Path, beamredir: &Path) -> Result<Self> {
+        let t = Instant::now();
+        let cluster = SimCluster::start(&manifest(tunnel_bench)).context("starting the simulated cluster")?;
+        check_interrupted()?;
+        let tunnel_ip = cluster.pod_ip(TUNNEL_POD).context("no tunnel pod IP")?;
+        let erl_ip = cluster.pod_ip(ERL_POD).context("no erl pod IP")?;
+        let pod_ns = |pod: &str| cluster.kubelet.netns_of("default", pod).with_context(|| format!("no namespace for pod {pod}"));
+        let (tunnel_ns, erl_ns) = (pod_ns(TUNNEL_POD)?, pod_ns(ERL_POD)?);
+
+        let direct = Netns::new("brbd")?;
+        direct.add_address(DIRECT_SRC)?;
+        for (i, (ns_path, ip)) in [(&tunnel_ns, tunnel_ip), (&erl_ns, erl_ip)].into_iter().enumerate() {
+            link_direct(&direct, ns_path, ip, i)?;
+        }
+
+        let relay_ns = Netns::new("brbr")?;
+        let relay2 = Helper::start(
+            relay_ns
+                .command(tunnel_bench)
+                .args(["relay", "--listen-port", "0", "--target", &format!("127.0.0.1:{TUNNEL_PORT}"), "--target-netns"])
+                .arg(&tunnel_ns),
+            Duration::from_secs(10),
+        )?;
+        let port2 = relay2.ready["port"].as_u64().context("relay port")?;
+        let relay1 = Helper::start(
+            relay_ns.command(tunnel_bench).args(["relay", "--listen-port", "0", "--target", &format!("127.0.0.1:{port2}")]),
+            Duration::from_secs(10),
+        )?;
+        let relay_port = relay1.ready["port"].as_u64().context("relay port")? as u16;
+
+        let mut session = UpSession::start(&cluster, beamredir, &[TUNNEL_POD], false)?;
+        session.wait_up(Duration::from_secs(60))?;
+        let mut erl_session = UpSession::start(&cluster, beamredir, &[ERL_POD], false)?;
+        erl_session.wait_up(Duration::from_secs(60))?;
+        println!("  simulated cluster, namespaces and `beamredir up` ready in {:.1} s (tunnel pod {tunnel_ip}, erl pod {erl_ip})", t.elapsed().as_secs_f64());
+        Ok(Bed {
+            session,
+            erl_session,
+            _relays: vec![relay1, relay2],
+            relay_port,
+            relay_ns,
+            direct,
+            tunnel_ip,
+            erl_ip,
+            tunnel_bench: tunnel_bench.to_path_buf(),
+            beamredir: beamredir.to_path_buf(),
+            cluster,
+        })
+    }
+}
+
+/// A veth pair between the direct namespace and a pod, with a /32 route each way.
+fn link_direct(direct: &Netns, pod_ns: &Path, pod_ip: Ipv4Addr, i: usize) -> Result<()> {
+    let pod = pod_ns.file_name().and_then(|n| n.to_str()).context("pod namespace name")?;
+    let (here, there) = (format!("bd{i}"), format!("bdp{i}"));
+    let ip = |args: &[&str]| beamredir_testbed::run(Command::new("ip").args(args)).map(|_| ());
+    ip(&["-n", direct.name(), "link", "add", &here, "type", "veth", "peer", "name", &there, "netns", pod])?;
+    ip(&["-n", direct.name(), "link", "set", &here, "up"])?;
+    ip(&["-n", pod, "link", "set", &there, "up"])?;
+    ip(&["-n", direct.name(), "route", "add", &format!("{pod_ip}/32"), "dev", &here, "src", &DIRECT_SRC.to_string()])?;
+    ip(&["-n", pod, "route", "add", &format!("{DIRECT_SRC}/32"), "dev", &there])
+}
+
+/// Runs a benchmark client to completion within `timeout`; returns its last stdout line as JSON.
+pub fn run_client(cmd: &mut Command, timeout: Duration) -> Result<Value> {
+    let out = run_bounded(cmd, timeout)?;
+    let line = out.lines().rev().find(|l| !l.trim().is_empty()).with_context(|| format!("{cmd:?} printed nothing"))?;
+    serde_json::from_str(line).with_context(|| format!("{cmd:?} printed {line:?}"))
+}

@@ -1,0 +1,329 @@
+//! Benchmark 2: throughput and latency of the tunnel, side by side:
+//!
+//! * **beamredir**: the client runs in a `beamredir up` session (`beamredir exec`) in the
+//!   workstation namespace and dials `POD_IP:9100`; connect4 sends it to beamredir's local
+//!   forward, which carries it over its own port-forward WebSocket (TLS) through the simulated
+//!   API server, which dials 127.0.0.1:9100 inside the pod;
+//! * **relay**: two plain TCP relays in a chain, the same hops (client → relay 1 → relay 2 →
+//!   pod), no TLS, no WebSocket: what the path costs without beamredir's protocol;
+//! * **direct**: a plain TCP connection over a veth to the pod: the floor.
+//!
+//! The client and the pod's server are `xtask/bench/tunnel_bench.c`. Three figures: bytes/s
+//! with 1 stream and with 16 concurrent streams (to the pod, acknowledged by the server), and
+//! round-trip times of 64-byte echoes on one connection. After one warm-up batch per case and
+//! figure, rounds: in each, every figure runs its three cases back to back, in an order that
+//! changes every round; ratios to the relay are paired by round.
+use std::{fmt::Write as _, time::Duration};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+
+use super::{
+    BenchArgs, check_interrupted,
+    report::{self, Spread},
+    sim::{Bed, TUNNEL_PORT, run_client},
+};
+
+/// Targets from the issue: beamredir ≥ 50% of the relay's throughput; round trips within 2×.
+const TARGET_THROUGHPUT: f64 = 0.5;
+const TARGET_RTT: f64 = 2.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Case {
+    Beamredir,
+    Relay,
+    Direct,
+}
+
+impl Case {
+    const ALL: [Case; 3] = [Case::Beamredir, Case::Relay, Case::Direct];
+    fn key(self) -> &'static str {
+        match self {
+            Case::Beamredir => "beamredir",
+            Case::Relay => "relay",
+            Case::Direct => "direct",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Figure {
+    Stream1,
+    Streams16,
+    Rtt,
+}
+
+impl Figure {
+    const ALL: [Figure; 3] = [Figure::Stream1, Figure::Streams16, Figure::Rtt];
+    fn key(self) -> &'static str {
+        match self {
+            Figure::Stream1 => "throughput_1_stream",
+            Figure::Streams16 => "throughput_16_streams",
+            Figure::Rtt => "rtt_64_bytes",
+        }
+    }
+}
+
+/// The six orders of three cases: each case takes every position equally often.
+const ORDERS: [[Case; 3]; 6] = [
+    [Case::Beamredir, Case::Relay, Case::Direct],
+    [Case::Relay, Case::Direct, Case::Beamredir],
+    [Case::Direct, Case::Beamredir, Case::Relay],
+    [Case::Beamredir, Case::Direct, Case::Relay],
+    [Case::Direct, Case::Relay, Case::Beamredir],
+    [Case::Relay, Case::Beamredir, Case::Direct],
+];
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub smoke: bool,
+    pub reps: u32,
+    /// Bytes per throughput batch (split over the streams).
+    pub bytes: u64,
+    pub rtt_count: u32,
+    pub rtt_warmup: u32,
+    pub rtt_size: u32,
+}
+
+impl Config {
+    pub fn new(args: &BenchArgs) -> Self {
+        if args.smoke {
+            Config { smoke: true, reps: args.reps.unwrap_or(1).min(2), bytes: 4 << 20, rtt_count: 200, rtt_warmup: 20, rtt_size: 64 }
+        } else {
+            Config { smoke: false, reps: args.reps.unwrap_or(10).min(20), bytes: 256 << 20, rtt_count: 5000, rtt_warmup: 500, rtt_size: 64 }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} rounds; throughput: {} MiB per batch; round trips: {} × {} bytes per batch after {} untimed{}",
+            self.reps,
+            self.bytes >> 20,
+            self.rtt_count,
+            self.rtt_size,
+            self.rtt_warmup,
+            if self.smoke { " [smoke: measures nothing useful]" } else { "" }
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({"smoke": self.smoke, "reps": self.reps, "bytes": self.bytes, "rtt_count": self.rtt_count, "rtt_warmup": self.rtt_warmup, "rtt_size": self.rtt_size})
+    }
+}
+
+pub struct Measurement {
+    pub figure: Figure,
+    pub case: Case,
+    pub rep: u32,
+    pub client: Value,
+}
+
+pub struct Results {
+    pub config: Config,
+    pub measurements: Vec<Measurement>,
+}
+
+fn client(bed: &Bed, case: Case, figure: Figure, cfg: &Config) -> Result<Value> {
+    let mut cmd = match case {
+        Case::Beamredir => bed.session.exec(&bed.tunnel_bench),
+        Case::Relay => bed.relay_ns.command(&bed.tunnel_bench),
+        Case::Direct => bed.direct.command(&bed.tunnel_bench),
+    };
+    let target = match case {
+        Case::Relay => format!("127.0.0.1:{}", bed.relay_port),
+        Case::Beamredir | Case::Direct => format!("{}:{TUNNEL_PORT}", bed.tunnel_ip),
+    };
+    match figure {
+        Figure::Stream1 | Figure::Streams16 => {
+            let streams = if figure == Figure::Stream1 { 1 } else { 16 };
+            cmd.args(["throughput", "--target", &target, "--streams", &streams.to_string(), "--bytes", &cfg.bytes.to_string()]);
+        }
+        Figure::Rtt => {
+            cmd.args(["rtt", "--target", &target, "--count", &cfg.rtt_count.to_string(), "--warmup", &cfg.rtt_warmup.to_string()])
+                .args(["--size", &cfg.rtt_size.to_string()]);
+        }
+    }
+    cmd.args(["--timeout-s", "60"]);
+    run_client(&mut cmd, Duration::from_secs(90)).with_context(|| {
+        format!("{} {} (beamredir up said: {}; status: {:?})", case.key(), figure.key(), bed.session.log(), bed.session.status())
+    })
+}
+
+pub fn run(cfg: &Config, bed: &Bed) -> Result<Results> {
+    let mut results = Results { config: cfg.clone(), measurements: Vec::new() };
+    for figure in Figure::ALL {
+        for case in Case::ALL {
+            check_interrupted()?;
+            client(bed, case, figure, cfg).context("warm-up")?;
+        }
+    }
+    for rep in 0..cfg.reps {
+        let mut line = format!("  round {:>2}/{}", rep + 1, cfg.reps);
+        for k in 0..Figure::ALL.len() {
+            let figure = Figure::ALL[(rep as usize + k) % Figure::ALL.len()];
+            for &case in &ORDERS[(rep as usize + k) % ORDERS.len()] {
+                check_interrupted()?;
+                let v = client(bed, case, figure, cfg)?;
+                ensure!(v["mode"].is_string(), "client answered {v}");
+                results.measurements.push(Measurement { figure, case, rep, client: v });
+            }
+        }
+        let s = summarize(&results);
+        for f in Figure::ALL {
+            let _ = write!(line, "  {}: {}", f.key(), Case::ALL.map(|c| s.short(f, c)).join(" / "));
+        }
+        if cfg.reps <= 10 || (rep + 1) % 5 == 0 || rep + 1 == cfg.reps {
+            println!("{line}");
+        }
+    }
+    Ok(results)
+}
+
+/// Per figure and case: the values of each round.
+struct Summary<'a> {
+    r: &'a Results,
+}
+
+fn summarize(r: &Results) -> Summary<'_> {
+    Summary { r }
+}
+
+impl Summary<'_> {
+    fn values(&self, f: Figure, c: Case, key: &str) -> Vec<f64> {
+        self.r.measurements.iter().filter(|m| m.figure == f && m.case == c).map(|m| m.client[key].as_f64().unwrap_or(f64::NAN)).collect()
+    }
+
+    fn get(&self, f: Figure, c: Case, rep: u32, key: &str) -> Option<f64> {
+        self.r.measurements.iter().find(|m| m.figure == f && m.case == c && m.rep == rep).and_then(|m| m.client[key].as_f64())
+    }
+
+    fn key(f: Figure) -> &'static str {
+        if f == Figure::Rtt { "p50_ns" } else { "bytes_per_s" }
+    }
+
+    /// Ratios of case `c` over case `base`, paired by round.
+    fn ratios(&self, f: Figure, c: Case, base: Case, key: &str) -> Vec<f64> {
+        (0..self.r.config.reps).filter_map(|rep| Some(self.get(f, c, rep, key)? / self.get(f, base, rep, key)?)).collect()
+    }
+
+    fn ratio(&self, f: Figure, c: Case, base: Case, key: &str) -> f64 {
+        report::median(&self.ratios(f, c, base, key))
+    }
+
+    fn short(&self, f: Figure, c: Case) -> String {
+        let v = report::median(&self.values(f, c, Self::key(f)));
+        if f == Figure::Rtt { report::us(v) } else { mib_s(v) }
+    }
+}
+
+fn mib_s(bytes_per_s: f64) -> String {
+    format!("{:.0} MiB/s", bytes_per_s / (1 << 20) as f64)
+}
+
+fn mib_spread(s: Spread) -> String {
+    let m = (1 << 20) as f64;
+    format!("{:.0} MiB/s [{:.0}–{:.0}]", s.median / m, s.min / m, s.max / m)
+}
+
+pub fn markdown_table(r: &Results) -> String {
+    let s = summarize(r);
+    let mut md = String::from(
+        "| figure | beamredir (port-forward via API server) | plain relay, 2 hops | direct TCP | beamredir / relay | beamredir / direct |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for f in [Figure::Stream1, Figure::Streams16] {
+        let cell = |c| mib_spread(Spread::of(&s.values(f, c, "bytes_per_s")));
+        let _ = writeln!(
+            md,
+            "| throughput, {} | {} | {} | {} | **{:.2}×** | {:.2}× |",
+            if f == Figure::Stream1 { "1 stream" } else { "16 streams" },
+            cell(Case::Beamredir),
+            cell(Case::Relay),
+            cell(Case::Direct),
+            s.ratio(f, Case::Beamredir, Case::Relay, "bytes_per_s"),
+            s.ratio(f, Case::Beamredir, Case::Direct, "bytes_per_s"),
+        );
+    }
+    for (label, key) in [("p50", "p50_ns"), ("p99", "p99_ns")] {
+        let cell = |c| Spread::of(&s.values(Figure::Rtt, c, key)).markdown();
+        let _ = writeln!(
+            md,
+            "| {}-byte round trip, {label} | {} | {} | {} | **{:.2}×** | {:.2}× |",
+            r.config.rtt_size,
+            cell(Case::Beamredir),
+            cell(Case::Relay),
+            cell(Case::Direct),
+            s.ratio(Figure::Rtt, Case::Beamredir, Case::Relay, key),
+            s.ratio(Figure::Rtt, Case::Beamredir, Case::Direct, key),
+        );
+    }
+    md
+}
+
+pub fn verdict(r: &Results) -> String {
+    let s = summarize(r);
+    let t1 = s.ratio(Figure::Stream1, Case::Beamredir, Case::Relay, "bytes_per_s");
+    let t16 = s.ratio(Figure::Streams16, Case::Beamredir, Case::Relay, "bytes_per_s");
+    let p50 = s.ratio(Figure::Rtt, Case::Beamredir, Case::Relay, "p50_ns");
+    let p99 = s.ratio(Figure::Rtt, Case::Beamredir, Case::Relay, "p99_ns");
+    let met = |ok: bool| if ok { "**met**" } else { "**missed**" };
+    let mut v = format!(
+        "Targets: throughput ≥ {:.0}% of the relay's: {} (1 stream {:.0}%, 16 streams {:.0}%). Round trip within {TARGET_RTT}× of the relay's: {} (p50 {:.2}×, p99 {:.2}×).",
+        TARGET_THROUGHPUT * 100.0,
+        met(t1 >= TARGET_THROUGHPUT && t16 >= TARGET_THROUGHPUT),
+        t1 * 100.0,
+        t16 * 100.0,
+        met(p50 <= TARGET_RTT),
+        p50,
+        p99
+    );
+    if r.config.smoke {
+        v.push_str(" (Smoke run: too short to mean anything.)");
+    }
+    v
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::from("## Tunnel throughput and latency: beamredir against a plain 2-hop relay and direct TCP\n\n");
+    let _ = writeln!(s, "{}.\n", r.config.describe());
+    s.push_str(
+        "Throughput: bytes sent to the pod per second, timed from the moment every stream is set up until the server \
+         has acknowledged the last byte; 16 streams share the bytes. Round trip: one connection, 64-byte echoes, \
+         the per-batch p50 and p99. Each cell: median over the rounds [min–max]. Ratios: paired by round (the three \
+         cases of a figure run back to back), then the median. Higher throughput and lower round trips are better.\n\n",
+    );
+    s.push_str(&markdown_table(r));
+    s.push('\n');
+    s.push_str(&verdict(r));
+    s.push_str(
+        "\n\nHow: beamredir: `beamredir up --pod tunnel-0` in the simulated cluster's workstation namespace, the \
+         client started in it with `beamredir exec`, dialling `POD_IP:9100` (connect4 → local forward → one TLS WebSocket \
+         per connection to the simulated API server → 127.0.0.1:9100 inside the pod). Relay: `tunnel_bench relay` twice \
+         in a namespace of its own, 127.0.0.1:R1 → 127.0.0.1:R2 → 127.0.0.1:9100 dialled inside the pod's namespace (a \
+         thread per direction, 128 KiB reads). Direct: a namespace with a veth pair to the pod and a /32 route. Client \
+         and server: `xtask/bench/tunnel_bench.c` (`cc -O2`).\n",
+    );
+    s
+}
+
+pub fn json(r: &Results) -> Value {
+    let s = summarize(r);
+    let mut summary = json!({});
+    for f in Figure::ALL {
+        let keys: &[&str] = if f == Figure::Rtt { &["p50_ns", "p99_ns"] } else { &["bytes_per_s"] };
+        let mut o = json!({});
+        for &key in keys {
+            for c in Case::ALL {
+                o[c.key()][key] = Spread::of(&s.values(f, c, key)).json();
+            }
+            o["ratio_beamredir_to_relay"][key] = json!(s.ratio(f, Case::Beamredir, Case::Relay, key));
+            o["ratio_beamredir_to_direct"][key] = json!(s.ratio(f, Case::Beamredir, Case::Direct, key));
+        }
+        summary[f.key()] = o;
+    }
+    json!({
+        "config": r.config.json(),
+        "targets": {"throughput_ratio_min": TARGET_THROUGHPUT, "rtt_ratio_max": TARGET_RTT},
+        "summary": summary,
+        "repetitions": r.measurements.iter().map(|m| json!({"figure": m.figure.key(), "case": m.case.key(), "rep": m.rep, "client": m.client})).collect::<Vec<_>>(),
+    })
+}
