@@ -172,6 +172,25 @@ impl Drop for Proc {
     }
 }
 
+/// A beamredir session process ended on drop the way a user ends it: SIGTERM, so it removes
+/// its cgroup and files; SIGKILL only if it is still there after 5 s.
+pub struct Graceful(pub Child);
+
+impl Drop for Graceful {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits until `f` returns true or the timeout passes.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
@@ -483,7 +502,7 @@ impl Drop for TestBed {
 impl TestBed {
     /// Starts `beamredir map` for this bed in the foreground (no command) and waits until the
     /// session answers `status`. Extra arguments go before the mappings.
-    pub fn start_session(&self, session: &str, extra: &[&str]) -> Result<Proc> {
+    pub fn start_session(&self, session: &str, extra: &[&str]) -> Result<Graceful> {
         let child = self
             .beamredir()
             .args(["map", "--session", session])
@@ -492,7 +511,7 @@ impl TestBed {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()?;
-        let mut proc = Proc(child);
+        let mut proc = Graceful(child);
         wait_until(&format!("session {session} to come up"), Duration::from_secs(20), || {
             if let Ok(Some(status)) = proc.0.try_wait() {
                 panic!("beamredir map exited early: {status}");

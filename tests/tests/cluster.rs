@@ -4,7 +4,7 @@
 use std::{process::Stdio, time::Duration};
 
 use anyhow::{Context, Result};
-use beamredir_testbed::{Interactive, Proc, TempDir, cluster::SimCluster, run, unique, wait_until};
+use beamredir_testbed::{Graceful, Interactive, TempDir, cluster::SimCluster, run, unique, wait_until};
 
 const MANIFEST: &str = include_str!("../manifests/erlang-cluster.yaml");
 const COOKIE: &str = "secret";
@@ -102,7 +102,7 @@ fn statefulset_pod_restart_is_followed_while_other_pods_stay_connected() -> Resu
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
-    let _up = Proc(child);
+    let _up = Graceful(child);
     wait_until("the session", Duration::from_secs(30), || status_of(&cluster, &state, &session).is_some_and(|s| s["state"] == "running"))?;
 
     // A hidden local node connected to app-0 that reports if the connection ever drops, and
@@ -201,7 +201,7 @@ spec:
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let mut up = Proc(child);
+    let mut up = Graceful(child);
     wait_until("the session", Duration::from_secs(30), || status_of(&cluster, &state, &session).is_some_and(|s| s["state"] == "running"))?;
     for pod in ["fake-0", "fake-1"] {
         let ip = cluster.pod_ip(pod).unwrap();
@@ -233,7 +233,7 @@ fn several_pods_by_name_all_stay_redirected_once_the_watches_have_listed() -> Re
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let _up = Proc(child);
+    let _up = Graceful(child);
     let both_redirected = || {
         status_of(&cluster, &state, &session).is_some_and(|s| {
             let rs = s["redirects"].as_array().cloned().unwrap_or_default();

@@ -110,7 +110,7 @@ fn two_sessions_started_at_once_with_one_name_leave_the_winner_intact() -> Resul
             .spawn()
     };
     let (a, b) = (spawn()?, spawn()?);
-    let (mut a, mut b) = (beamredir_testbed::Proc(a), beamredir_testbed::Proc(b));
+    let (mut a, mut b) = (beamredir_testbed::Graceful(a), beamredir_testbed::Graceful(b));
     // Exactly one of them exits, refused; the other stays up.
     let mut loser = None;
     beamredir_testbed::wait_until("one of the two to be refused", std::time::Duration::from_secs(20), || {

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use beamredir_testbed::{
-    Interactive, Proc, TempDir,
+    Graceful, Interactive, TempDir,
     cluster::{EXAMPLE_MANIFEST, SimCluster},
     run, unique, wait_until,
 };
@@ -98,7 +98,7 @@ fn iex_remsh_through_up_runs_an_expression_on_the_pod_node() -> Result<()> {
 }
 
 /// Runs a foreground `up` session and waits until it answers `status`.
-fn start_up_session(cluster: &SimCluster, state: &TempDir, session: &str, extra: &[&str], log: &std::path::Path) -> Result<Proc> {
+fn start_up_session(cluster: &SimCluster, state: &TempDir, session: &str, extra: &[&str], log: &std::path::Path) -> Result<Graceful> {
     let child = cluster
         .beamredir(state.path())
         .args(["up", "--session", session])
@@ -107,7 +107,7 @@ fn start_up_session(cluster: &SimCluster, state: &TempDir, session: &str, extra:
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log)?)
         .spawn()?;
-    let mut proc = Proc(child);
+    let mut proc = Graceful(child);
     wait_until("the up session", Duration::from_secs(30), || {
         if let Ok(Some(st)) = proc.0.try_wait() {
             panic!("beamredir up exited early ({st}): {}", std::fs::read_to_string(log).unwrap_or_default());
