@@ -14,9 +14,7 @@ fn fqdn(i: u32) -> String {
 }
 
 fn status_of(cluster: &SimCluster, state: &TempDir, session: &str) -> Option<serde_json::Value> {
-    let out = cluster.beamredir(state.path()).args(["status", "--json"]).output().ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v.as_array()?.iter().find(|s| s["name"] == session).cloned()
+    cluster.session_status(state.path(), session)
 }
 
 /// Waits (through a hidden node, which global leaves alone) until the pods have meshed among

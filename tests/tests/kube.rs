@@ -118,9 +118,7 @@ fn start_up_session(cluster: &SimCluster, state: &TempDir, session: &str, extra:
 }
 
 fn status_of(cluster: &SimCluster, state: &TempDir, session: &str) -> Option<serde_json::Value> {
-    let out = cluster.beamredir(state.path()).args(["status", "--json"]).output().ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v.as_array()?.iter().find(|s| s["name"] == session).cloned()
+    cluster.session_status(state.path(), session)
 }
 
 /// `erl` in the session: ping NODE, print the answer.

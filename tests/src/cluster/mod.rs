@@ -144,6 +144,13 @@ impl SimCluster {
         cmd
     }
 
+    /// The `beamredir status --json` entry of a session, run in the workstation namespace.
+    pub fn session_status(&self, state_dir: &std::path::Path, session: &str) -> Option<serde_json::Value> {
+        let out = self.beamredir(state_dir).args(["status", "--json"]).output().ok()?;
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        all.as_array()?.iter().find(|s| s["name"] == session).cloned()
+    }
+
     /// The API server's audit log ("VERB RESOURCE NS/NAME" per request).
     pub fn audit(&self) -> Vec<String> {
         self.state.audit.lock().unwrap().clone()
