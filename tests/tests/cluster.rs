@@ -4,7 +4,7 @@
 use std::{process::Stdio, time::Duration};
 
 use anyhow::{Context, Result};
-use beamredir_testbed::{Graceful, Interactive, TempDir, cluster::SimCluster, run, unique, wait_until};
+use beamredir_testbed::{Interactive, TempDir, cluster::SimCluster, run, unique, wait_until};
 
 const MANIFEST: &str = include_str!("../manifests/erlang-cluster.yaml");
 const COOKIE: &str = "secret";
@@ -93,15 +93,7 @@ fn statefulset_pod_restart_is_followed_while_other_pods_stay_connected() -> Resu
     let state = TempDir::new("brstate")?;
     let session = unique("churn");
     let log = state.path().join("up.log");
-    let child = cluster
-        .beamredir(state.path())
-        .args(["up", "--statefulset", "app", "--session", &session])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    let _up = Graceful(child);
-    wait_until("the session", Duration::from_secs(30), || status_of(&cluster, &state, &session).is_some_and(|s| s["state"] == "running"))?;
+    let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
 
     // A hidden local node connected to app-0 that reports if the connection ever drops, and
     // pings whatever node it is told to.
@@ -192,15 +184,7 @@ spec:
     let cluster = SimCluster::start(&manifest)?;
     let state = TempDir::new("brstate")?;
     let session = unique("fake");
-    let child = cluster
-        .beamredir(state.path())
-        .args(["up", "-l", "app=fake", "--session", &session])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut up = Graceful(child);
-    wait_until("the session", Duration::from_secs(30), || status_of(&cluster, &state, &session).is_some_and(|s| s["state"] == "running"))?;
+    let mut up = cluster.start_up_session(state.path(), &session, &["-l", "app=fake"], &state.path().join("up.log"))?;
     for pod in ["fake-0", "fake-1"] {
         let ip = cluster.pod_ip(pod).unwrap();
         let script = format!("io:format(\"~p~n\", [[net_adm:ping('app@{ip}') || _ <- [1,2,3]]]), halt().");
@@ -224,14 +208,7 @@ fn several_pods_by_name_all_stay_redirected_once_the_watches_have_listed() -> Re
     let cluster = SimCluster::start(MANIFEST)?;
     let state = TempDir::new("brstate")?;
     let session = unique("two");
-    let child = cluster
-        .beamredir(state.path())
-        .args(["up", "--pod", "app-0", "--pod", "app-2", "--session", &session])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let _up = Graceful(child);
+    let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0", "--pod", "app-2"], &state.path().join("up.log"))?;
     let both_redirected = || {
         status_of(&cluster, &state, &session).is_some_and(|s| {
             let rs = s["redirects"].as_array().cloned().unwrap_or_default();

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use beamredir_testbed::{
-    Graceful, Interactive, TempDir,
+    Interactive, TempDir,
     cluster::{EXAMPLE_MANIFEST, SimCluster},
     run, unique, wait_until,
 };
@@ -97,26 +97,6 @@ fn iex_remsh_through_up_runs_an_expression_on_the_pod_node() -> Result<()> {
     Ok(())
 }
 
-/// Runs a foreground `up` session and waits until it answers `status`.
-fn start_up_session(cluster: &SimCluster, state: &TempDir, session: &str, extra: &[&str], log: &std::path::Path) -> Result<Graceful> {
-    let child = cluster
-        .beamredir(state.path())
-        .args(["up", "--session", session])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()?;
-    let mut proc = Graceful(child);
-    wait_until("the up session", Duration::from_secs(30), || {
-        if let Ok(Some(st)) = proc.0.try_wait() {
-            panic!("beamredir up exited early ({st}): {}", std::fs::read_to_string(log).unwrap_or_default());
-        }
-        status_of(cluster, state, session).is_some_and(|s| s["state"] == "running")
-    })?;
-    Ok(proc)
-}
-
 fn status_of(cluster: &SimCluster, state: &TempDir, session: &str) -> Option<serde_json::Value> {
     cluster.session_status(state.path(), session)
 }
@@ -140,7 +120,7 @@ fn pod_deleted_mid_session_comes_back_with_a_new_ip_and_new_connections_work() -
     let state = TempDir::new("brstate")?;
     let session = unique("churn");
     let log = state.path().join("up.log");
-    let _up = start_up_session(&cluster, &state, &session, &["--pod", "app-0"], &log)?;
+    let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0"], &log)?;
     let old_ip = cluster.pod_ip("app-0").unwrap();
     assert!(ping_in_session(&cluster, &state, &session, old_ip)?.contains("ping=pong"));
 
@@ -180,7 +160,7 @@ fn one_dropped_stream_or_an_api_server_restart_does_not_kill_the_forward() -> Re
     let state = TempDir::new("brstate")?;
     let session = unique("faults");
     let log = state.path().join("up.log");
-    let _up = start_up_session(&cluster, &state, &session, &["--pod", "app-0"], &log)?;
+    let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0"], &log)?;
     let ip = cluster.pod_ip("app-0").unwrap();
 
     // A connection held open through the dist forward (a TCP client in the session, waiting).
@@ -214,7 +194,7 @@ fn port_forward_errors_are_logged_with_pod_and_port_and_the_connection_closes_cl
     let session = unique("pferr");
     let log = state.path().join("up.log");
     // Nothing listens on 9999 in the pod: the kubelet reports it on the error channel.
-    let _up = start_up_session(&cluster, &state, &session, &["--pod", "app-0", "--dist-port", "9999"], &log)?;
+    let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0", "--dist-port", "9999"], &log)?;
     let ip = cluster.pod_ip("app-0").unwrap();
     let probe = "import socket,sys; s=socket.create_connection((sys.argv[1], 9999), timeout=20); print('eof' if s.recv(1)==b'' else 'data')";
     let out = run(cluster.beamredir(state.path()).args(["exec", "--session", &session, "--", "python3", "-c", probe, &ip.to_string()]))?;

@@ -144,6 +144,27 @@ impl SimCluster {
         cmd
     }
 
+    /// Starts `beamredir up --session SESSION ARGS…` in the foreground (stderr to `log`) and
+    /// waits until the session answers `status`. Ended with SIGTERM when dropped.
+    pub fn start_up_session(&self, state_dir: &std::path::Path, session: &str, args: &[&str], log: &std::path::Path) -> Result<crate::Graceful> {
+        let child = self
+            .beamredir(state_dir)
+            .args(["up", "--session", session])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        let mut proc = crate::Graceful(child);
+        wait_until("the up session", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = proc.0.try_wait() {
+                panic!("beamredir up exited early ({st}): {}", std::fs::read_to_string(log).unwrap_or_default());
+            }
+            self.session_status(state_dir, session).is_some_and(|s| s["state"] == "running")
+        })?;
+        Ok(proc)
+    }
+
     /// The `beamredir status --json` entry of a session, run in the workstation namespace.
     pub fn session_status(&self, state_dir: &std::path::Path, session: &str) -> Option<serde_json::Value> {
         let out = self.beamredir(state_dir).args(["status", "--json"]).output().ok()?;
