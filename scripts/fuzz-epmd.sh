@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzz the epmd protocol layer (beamredir/src/epmd.rs) for SECONDS seconds:
+# Fuzz the epmd protocol layer (beamredir/src/erlang/epmd.rs) for SECONDS seconds:
 #   scripts/fuzz-epmd.sh 30
 # Installs nightly and cargo-fuzz if missing (a second run only checks), then runs the
 # `epmd_conversation` target. Exits non-zero if libFuzzer finds a crash; the input is then in

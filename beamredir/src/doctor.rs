@@ -1,7 +1,7 @@
 //! `beamredir doctor`: can this host run beamredir, and if not, what to fix.
 use std::path::Path;
 
-use crate::{
+use crate::kernel::{
     cgroup::{Hierarchy, find_cgroup2_mount},
     redirect::{LoadOptions, Redirector},
 };

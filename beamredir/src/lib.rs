@@ -1,22 +1,24 @@
 //! beamredir: make pod IPs reachable from a local BEAM node by rewriting connect() with eBPF,
-//! scoped to one cgroup per session.
+//! scoped to one cgroup per session, with port-forwards through the Kubernetes API server.
 //!
-//! One module per concern:
-//! * [`mapping`]: parsing `POD_IP:PORT=LOCAL_PORT` redirect specifications;
-//! * [`redirect`]: the eBPF programs (connect4/getpeername4) and their maps;
-//! * [`cgroup`]: the cgroup v2 hierarchy and session cgroups;
-//! * [`session`]: session records, the control socket, stale-session cleanup;
-//! * [`runas`]: running commands inside a session as the user who invoked sudo;
+//! A session has two parts (see [`privsep`]): a small root part and an unprivileged network
+//! part. One module per concern:
+//! * [`kernel`]: the eBPF programs and maps, and the cgroup2 hierarchy (root part);
+//! * [`session`]: records, state directory, control socket, DNS files, commands in a session
+//!   (root part);
+//! * [`privsep`]: the split between the two parts and the channel between them;
+//! * [`k8s`]: kubeconfig, the API client, pods, port-forward streams (network part);
+//! * [`forward`]: local forwards, who may use them, and their bounds (network part);
+//! * [`up`]: following pods and keeping redirects in step (network part);
+//! * [`erlang`]: the EPMD protocol (and the Erlang side of connecting);
+//! * [`mapping`]: one redirect and its command-line form;
 //! * [`doctor`]: checking the host can run beamredir.
-pub mod cgroup;
-pub mod control;
-pub mod dns;
 pub mod doctor;
-pub mod epmd;
+pub mod erlang;
 pub mod forward;
 pub mod k8s;
+pub mod kernel;
 pub mod mapping;
-pub mod redirect;
-pub mod runas;
+pub mod privsep;
 pub mod session;
 pub mod up;

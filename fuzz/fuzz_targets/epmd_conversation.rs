@@ -9,7 +9,7 @@
 #![no_main]
 
 #[allow(dead_code)]
-#[path = "../../beamredir/src/epmd.rs"]
+#[path = "../../beamredir/src/erlang/epmd.rs"]
 mod epmd;
 
 use arbitrary::Arbitrary;

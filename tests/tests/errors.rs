@@ -60,7 +60,7 @@ fn every_bad_input_gets_one_clear_line_a_failing_exit_and_leaves_nothing() -> Re
         case(&["map", "--session", &s, "10.244.250.5:0=14369"], "ports are 1-65535"),
         case(&["map", "--session", &s, "10.244.250.5:4369=0"], "ports are 1-65535"),
         case(&["map", "--session", &s, "10.244.250.5:4369=65536"], "ports are 1-65535"),
-        case(&["map", "--session", &s, "app-0:4369=14369"], "invalid IPv4 address"),
+        case(&["map", "--session", &s, "app-0:4369=14369"], "invalid IP address \"app-0\""),
         case(&["map", "--session", &s, good, "10.244.250.5:4369=15555"], "duplicate mapping for 10.244.250.5:4369"),
         case(&["map", "--session", "../escape", good], "invalid session name"),
         case(&["map", "--session", &s, "--cgroup", &missing_cgroup, good, "--", "true"], "does not exist"),

@@ -1,14 +1,16 @@
-//! Finding the cluster the way kubectl does: `--kubeconfig`, `KUBECONFIG`, `~/.kube/config`
-//! (the *invoking* user's under sudo, since sudo drops KUBECONFIG and root's home has none),
-//! then in-cluster config; `--context`; `-n/--namespace`, else the context's, else `default`.
+//! Finding the cluster the way kubectl does: `--kubeconfig`, `KUBECONFIG` (merged), then
+//! `~/.kube/config`, then in-cluster config; `--context`; `-n/--namespace`, else the
+//! context's, else `default`. This runs in the network part, as the invoking user, so "~" is
+//! that user's home and the kubeconfig is read with that user's permissions.
 use std::path::{Path, PathBuf};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde::{Deserialize, Serialize};
 
-use super::error::{K8sError, transport};
+use super::error::{K8sError, chain, transport};
 
 /// kubectl's flags, as `beamredir up` takes them.
-#[derive(clap::Args, Clone, Debug, Default)]
+#[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
 pub struct KubeArgs {
     /// Path to the kubeconfig file (default: $KUBECONFIG, else ~/.kube/config of the user who ran sudo).
     #[arg(long, value_name = "PATH")]
@@ -30,59 +32,14 @@ pub struct Cluster {
     pub url: String,
     /// Where the configuration came from, for messages.
     pub source: String,
-}
-
-/// The invoking user's home when running under sudo, else $HOME.
-fn user_home() -> Option<PathBuf> {
-    if nix::unistd::geteuid().is_root() {
-        if let Ok(user) = std::env::var("SUDO_USER") {
-            if let Ok(Some(u)) = nix::unistd::User::from_name(&user) {
-                return Some(u.dir);
-            }
-        }
-    }
-    std::env::var_os("HOME").map(PathBuf::from)
-}
-
-/// The hidden subcommand that runs a credential plugin as the user who invoked sudo.
-pub const RUN_AS_INVOKING_USER: &str = "__run-as-invoking-user";
-
-/// Under sudo, credential plugins from the user's kubeconfig (`exec`, and the legacy
-/// auth-provider `cmd-path`) must not run as root: that would turn any command in a
-/// kubeconfig into a root command, and plugins (aws, gcloud, kubelogin) look for the user's
-/// files in the user's HOME. They are routed through `beamredir __run-as-invoking-user`,
-/// which drops to SUDO_UID/SUDO_GID (and the user's groups and HOME) before exec.
-fn run_plugins_as_invoking_user(kubeconfig: &mut Kubeconfig) {
-    let under_sudo = nix::unistd::geteuid().is_root() && std::env::var("SUDO_UID").is_ok_and(|u| u != "0");
-    let Ok(me) = std::env::current_exe() else { return };
-    if !under_sudo {
-        return;
-    }
-    let me = me.display().to_string();
-    for named in &mut kubeconfig.auth_infos {
-        let Some(auth) = named.auth_info.as_mut() else { continue };
-        if let Some(exec) = auth.exec.as_mut() {
-            if let Some(command) = exec.command.take() {
-                let mut args = vec![RUN_AS_INVOKING_USER.to_string(), "--".to_string(), command];
-                args.extend(exec.args.take().unwrap_or_default());
-                exec.command = Some(me.clone());
-                exec.args = Some(args);
-            }
-        }
-        if let Some(provider) = auth.auth_provider.as_mut() {
-            if let Some(path) = provider.config.remove("cmd-path") {
-                let args = provider.config.remove("cmd-args").unwrap_or_default();
-                provider.config.insert("cmd-path".into(), me.clone());
-                provider.config.insert("cmd-args".into(), format!("{RUN_AS_INVOKING_USER} -- {path} {args}").trim().to_string());
-            }
-        }
-    }
+    /// The proxy in use, for messages.
+    pub proxy: Option<String>,
 }
 
 fn read(path: &Path) -> Result<Kubeconfig, K8sError> {
     Kubeconfig::read_from(path).map_err(|e| K8sError::KubeconfigUnreadable {
         path: path.to_path_buf(),
-        reason: super::error::chain(&e),
+        reason: chain(&e),
     })
 }
 
@@ -98,27 +55,29 @@ fn load_kubeconfig(args: &KubeArgs) -> Result<Option<(Kubeconfig, String)>, K8sE
             let next = read(&path)?;
             merged = Some(match merged {
                 None => next,
-                Some(m) => m.merge(next).map_err(|e| K8sError::Kubeconfig(e.to_string()))?,
+                Some(m) => m
+                    .merge(next)
+                    .map_err(|e| K8sError::Kubeconfig(e.to_string()))?,
             });
         }
         return match merged {
             Some(k) => Ok(Some((k, format!("KUBECONFIG={}", value.to_string_lossy())))),
-            None => Err(K8sError::NoKubeconfig { looked_at: format!("KUBECONFIG={} (no such file)", value.to_string_lossy()) }),
+            None => Err(K8sError::NoKubeconfig {
+                looked_at: format!("KUBECONFIG={} (no such file)", value.to_string_lossy()),
+            }),
         };
     }
-    let default = user_home().map(|h| h.join(".kube/config"));
+    let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config"));
     if let Some(path) = default.as_ref().filter(|p| p.exists()) {
-        if let Ok(user) = std::env::var("SUDO_USER") {
-            // sudo drops KUBECONFIG: say which file is used, in case kubectl uses another.
-            log::info!("using {user}'s kubeconfig {} (sudo does not pass KUBECONFIG on; use --kubeconfig or sudo -E for another)", path.display());
-        }
         return Ok(Some((read(path)?, path.display().to_string())));
     }
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
         return Ok(None);
     }
     Err(K8sError::NoKubeconfig {
-        looked_at: default.map(|p| p.display().to_string()).unwrap_or_else(|| "no home directory".into()),
+        looked_at: default
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "no home directory".into()),
     })
 }
 
@@ -128,27 +87,66 @@ impl Cluster {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (config, source) = match load_kubeconfig(args)? {
             Some((mut kubeconfig, source)) => {
-                run_plugins_as_invoking_user(&mut kubeconfig);
+                super::plugins::resolve(&mut kubeconfig).await?;
                 if let Some(context) = &args.context {
                     if !kubeconfig.contexts.iter().any(|c| &c.name == context) {
-                        let available = kubeconfig.contexts.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ");
-                        return Err(K8sError::ContextNotFound { context: context.clone(), available });
+                        let available = kubeconfig
+                            .contexts
+                            .iter()
+                            .map(|c| c.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        return Err(K8sError::ContextNotFound {
+                            context: context.clone(),
+                            available,
+                        });
                     }
                 }
-                let options = KubeConfigOptions { context: args.context.clone(), ..Default::default() };
+                let options = KubeConfigOptions {
+                    context: args.context.clone(),
+                    ..Default::default()
+                };
                 let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
                     .await
-                    .map_err(|e| K8sError::Kubeconfig(format!("{source}: {}", super::error::chain(&e))))?;
+                    .map_err(|e| K8sError::Kubeconfig(format!("{source}: {}", chain(&e))))?;
                 (config, source)
             }
             None => {
-                let config = kube::Config::incluster().map_err(|e| K8sError::Kubeconfig(format!("in-cluster config: {e}")))?;
+                let config = kube::Config::incluster()
+                    .map_err(|e| K8sError::Kubeconfig(format!("in-cluster config: {e}")))?;
                 (config, "in-cluster service account".to_string())
             }
         };
-        let namespace = args.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
-        let url = config.cluster_url.to_string().trim_end_matches('/').to_string();
-        let client = kube::Client::try_from(config).map_err(|e| transport(&e, &url))?;
-        Ok(Cluster { client, namespace, url, source })
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let url = config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_string();
+        let proxy = config.proxy_url.as_ref().map(|p| {
+            // Never show proxy credentials.
+            let s = p.to_string();
+            match s.split_once("://").and_then(|(scheme, rest)| {
+                rest.rsplit_once('@')
+                    .map(|(_, host)| format!("{scheme}://{host}"))
+            }) {
+                Some(clean) => clean,
+                None => s,
+            }
+        });
+        let client = super::client::client(&config).map_err(|e| match e {
+            K8sError::Kubeconfig(reason) => transport(&std::io::Error::other(reason), &url),
+            other => other,
+        })?;
+        Ok(Cluster {
+            client,
+            namespace,
+            url,
+            source,
+            proxy,
+        })
     }
 }

@@ -1,8 +1,23 @@
-//! Kubernetes access, kubectl-style: kubeconfig/context/namespace resolution ([`config`]),
-//! pod lookup and Erlang port discovery ([`pod`]), and port-forward streams through the API
-//! server ([`portforward`]).
+//! Kubernetes access, kubectl-style (network part only: everything here reads data from the
+//! cluster).
+//!
+//! * [`config`]: kubeconfig/context/namespace resolution; [`plugins`]: credential plugins
+//!   found as the user's shell finds them; [`client`]: the HTTP client (nodelay, keepalive,
+//!   proxies);
+//! * [`lookup`]: pods by name, selector, StatefulSet or Service;
+//! * [`pod`]: what a pod object says (reachability, addresses, the Erlang container, ports);
+//! * [`env`]: a container's environment and command line as the kubelet builds them;
+//! * [`dns`]: the cluster DNS names of a pod, for every naming scheme;
+//! * [`portforward`]: port-forward streams through the API server;
+//! * [`authz`], [`error`]: what went wrong, and what to grant.
+pub mod authz;
+pub mod client;
 pub mod config;
+pub mod dns;
+pub mod env;
 pub mod error;
+pub mod lookup;
+pub mod plugins;
 pub mod pod;
 pub mod portforward;
 

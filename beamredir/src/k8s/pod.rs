@@ -1,19 +1,52 @@
-//! Pod lookup: the pod's IP, whether it is usable, and its Erlang ports.
-//!
-//! epmd is 4369 unless a container declares a port named `epmd`. The distribution port comes
-//! from `--dist-port`, else a container port named `erlang` or `dist`, else the container's
-//! `ERL_PORT` environment variable.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+//! What beamredir reads from a pod object: whether it can be reached (Running, with an IP —
+//! readiness is shown, never required: `kubectl port-forward` needs no more, and a pod failing
+//! its readiness probe is exactly when people want a remote shell), its addresses, which of its
+//! containers runs the Erlang node (by ports and environment, not by position), and that
+//! node's ports and name as the spec gives them.
+use std::{collections::BTreeMap, net::IpAddr};
 
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
-use kube::{Api, api::ListParams};
+use k8s_openapi::api::core::v1::{Container, Pod};
 
-use super::{
-    Cluster,
-    error::{K8sError, classify},
-};
+use super::env::{flag_value, resolved_env, words};
 
 pub const DEFAULT_EPMD_PORT: u16 = 4369;
+
+/// Why a pod cannot be reached now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReachable {
+    #[error("it is being deleted")]
+    Terminating,
+    #[error("its phase is {0}, not Running")]
+    NotRunning(String),
+    #[error("it has no pod IP yet")]
+    NoIp,
+    #[error("it has no containers")]
+    NoContainers,
+}
+
+/// Where the distribution port came from (for messages and the banner).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortSource {
+    Flag,
+    NamedContainerPort,
+    ErlDistPort,
+    ErlEpmdPort,
+    ListenRange,
+    ErlPort,
+}
+
+impl PortSource {
+    pub fn describe(self) -> &'static str {
+        match self {
+            PortSource::Flag => "--dist-port",
+            PortSource::NamedContainerPort => "a container port named erlang/dist",
+            PortSource::ErlDistPort => "ERL_DIST_PORT",
+            PortSource::ErlEpmdPort => "-erl_epmd_port",
+            PortSource::ListenRange => "inet_dist_listen_min/max",
+            PortSource::ErlPort => "ERL_PORT",
+        }
+    }
+}
 
 /// Everything beamredir needs to know about one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,11 +54,20 @@ pub struct PodTarget {
     pub name: String,
     pub namespace: String,
     pub uid: String,
-    pub ip: Ipv4Addr,
+    /// status.podIPs (status.podIP first), as Kubernetes reports them: one or two families.
+    pub ips: Vec<IpAddr>,
+    /// The Ready condition. Shown, not required.
+    pub ready: bool,
+    /// The container judged to run the Erlang node.
+    pub container: String,
     pub epmd_port: u16,
-    pub dist_port: Option<u16>,
-    /// The node's name as its command line gives it (`app@10.244.0.5`), when it can be read.
-    pub node_name: Option<String>,
+    /// The node runs without epmd (`-start_epmd false`, `-erl_epmd_port`, `ERL_DIST_PORT`):
+    /// the distribution port must come from the spec or a flag, and no epmd is probed.
+    pub epmdless: bool,
+    pub dist_port: Option<(u16, PortSource)>,
+    /// The node's name as the spec gives it (`-name`/`-sname`/`RELEASE_NODE`), when it can be
+    /// read; the node itself is asked later (see [`crate::erlang`]).
+    pub spec_node_name: Option<String>,
     /// `spec.hostname` and `spec.subdomain` (set by the StatefulSet controller): with the
     /// namespace they make the pod's cluster DNS name.
     pub hostname: Option<String>,
@@ -33,248 +75,209 @@ pub struct PodTarget {
 }
 
 impl PodTarget {
-    /// Reads a pod object. Fails if it is not Running and Ready with an IPv4 address.
-    pub fn from_pod(pod: &Pod, dist_port_flag: Option<u16>) -> Result<Self, K8sError> {
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-        let not_ready = |why: String| K8sError::PodNotReady { name: name.clone(), namespace: namespace.clone(), why };
+    /// Reads a pod object. Fails if it is not Running with an IP.
+    pub fn from_pod(pod: &Pod, dist_port_flag: Option<u16>) -> Result<Self, NotReachable> {
         if pod.metadata.deletion_timestamp.is_some() {
-            return Err(not_ready("it is being deleted".into()));
+            return Err(NotReachable::Terminating);
         }
         let status = pod.status.clone().unwrap_or_default();
         let phase = status.phase.clone().unwrap_or_else(|| "Unknown".into());
         if phase != "Running" {
-            return Err(not_ready(format!("phase is {phase}, not Running")));
+            return Err(NotReachable::NotRunning(phase));
+        }
+        let ips = pod_ips(pod);
+        if ips.is_empty() {
+            return Err(NotReachable::NoIp);
         }
         let ready = status
             .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let containers: &[Container] = pod
+            .spec
             .as_ref()
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-            .is_some_and(|c| c.status == "True");
-        if !ready {
-            return Err(not_ready("its Ready condition is not True".into()));
-        }
-        let ip = status
-            .pod_ip
-            .as_deref()
-            .ok_or_else(|| not_ready("it has no pod IP yet".into()))?
-            .parse::<Ipv4Addr>()
-            .map_err(|_| not_ready(format!("its pod IP {:?} is not IPv4 (beamredir redirects IPv4)", status.pod_ip)))?;
-        let containers: &[Container] = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or(&[]);
-        let epmd_port = named_port(containers, &["epmd"]).unwrap_or(DEFAULT_EPMD_PORT);
+            .map(|s| s.containers.as_slice())
+            .unwrap_or(&[]);
+        let container = erlang_container(pod, containers).ok_or(NotReachable::NoContainers)?;
+        let vars = resolved_env(pod, container);
+        let words = words(container, &vars);
+        let epmd_port = named_port(container, &["epmd"]).unwrap_or(DEFAULT_EPMD_PORT);
+        let erl_epmd_port = flag_value(&words, &["-erl_epmd_port"]).and_then(|p| p.parse().ok());
+        let erl_dist_port = vars.get("ERL_DIST_PORT").and_then(|p| p.parse().ok());
+        let epmdless = flag_value(&words, &["-start_epmd"]) == Some("false")
+            || erl_epmd_port.is_some()
+            || erl_dist_port.is_some();
         let dist_port = dist_port_flag
-            .or_else(|| named_port(containers, &["erlang", "dist"]))
-            .or_else(|| containers.iter().find_map(|c| env_value(c, "ERL_PORT")?.parse().ok()));
+            .map(|p| (p, PortSource::Flag))
+            .or_else(|| {
+                named_port(container, &["erlang", "dist"])
+                    .map(|p| (p, PortSource::NamedContainerPort))
+            })
+            .or_else(|| erl_dist_port.map(|p| (p, PortSource::ErlDistPort)))
+            .or_else(|| erl_epmd_port.map(|p| (p, PortSource::ErlEpmdPort)))
+            .or_else(|| listen_range(&words).map(|p| (p, PortSource::ListenRange)))
+            .or_else(|| {
+                vars.get("ERL_PORT")
+                    .and_then(|p| p.parse().ok())
+                    .map(|p| (p, PortSource::ErlPort))
+            });
         Ok(PodTarget {
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            ready,
+            container: container.name.clone(),
+            epmd_port,
+            epmdless,
+            dist_port,
+            spec_node_name: spec_node_name(&vars, &words, pod),
             hostname: pod.spec.as_ref().and_then(|s| s.hostname.clone()),
             subdomain: pod.spec.as_ref().and_then(|s| s.subdomain.clone()),
-            uid: pod.metadata.uid.clone().unwrap_or_default(),
-            node_name: node_name(pod, containers, ip),
-            name,
-            namespace,
-            ip,
-            epmd_port,
-            dist_port,
+            ips,
         })
     }
 
-    pub fn require_dist_port(&self) -> Result<u16, K8sError> {
-        self.dist_port.ok_or_else(|| K8sError::NoDistPort { name: self.name.clone(), namespace: self.namespace.clone() })
+    /// The first IP, as status.podIP.
+    pub fn primary_ip(&self) -> IpAddr {
+        self.ips[0]
+    }
+
+    pub fn has_v4(&self) -> bool {
+        self.ips.iter().any(IpAddr::is_ipv4)
     }
 }
 
-fn named_port(containers: &[Container], names: &[&str]) -> Option<u16> {
-    containers
+/// status.podIPs, else status.podIP; only valid addresses, podIP first, at most one per family
+/// (what dual-stack clusters report).
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let status = match &pod.status {
+        Some(s) => s,
+        None => return Vec::new(),
+    };
+    let primary = status
+        .pod_ip
+        .as_deref()
+        .and_then(|s| s.parse::<IpAddr>().ok());
+    let listed = status
+        .pod_ips
         .iter()
-        .flat_map(|c| c.ports.iter().flatten())
+        .flatten()
+        .filter_map(|p| p.ip.parse::<IpAddr>().ok());
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in primary.into_iter().chain(listed) {
+        if crate::mapping::is_pod_address(ip) && !ips.iter().any(|i| i.is_ipv4() == ip.is_ipv4()) {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
+/// The container most likely running the Erlang node: Erlang ports and environment count,
+/// position does not (a sidecar may come first).
+fn erlang_container<'a>(pod: &Pod, containers: &'a [Container]) -> Option<&'a Container> {
+    let score = |c: &Container| {
+        let ports = c.ports.iter().flatten();
+        let mut s = 0;
+        for p in ports {
+            if p.name
+                .as_deref()
+                .is_some_and(|n| matches!(n, "epmd" | "erlang" | "dist"))
+            {
+                s += 10;
+            }
+            if p.container_port == i32::from(DEFAULT_EPMD_PORT) {
+                s += 8;
+            }
+        }
+        let env_names = [
+            "RELEASE_NODE",
+            "RELEASE_COOKIE",
+            "RELX_COOKIE",
+            "ERLANG_COOKIE",
+            "RELEASE_DISTRIBUTION",
+            "ERL_DIST_PORT",
+            "ERL_AFLAGS",
+            "ERL_FLAGS",
+            "ERL_PORT",
+        ];
+        s += 5 * c
+            .env
+            .iter()
+            .flatten()
+            .filter(|e| env_names.contains(&e.name.as_str()))
+            .count();
+        s += 5 * c
+            .env_from
+            .iter()
+            .flatten()
+            .filter(|e| e.secret_ref.is_some() || e.config_map_ref.is_some())
+            .count()
+            .min(1);
+        let vars = resolved_env(pod, c);
+        let w = words(c, &vars);
+        if w.iter().any(|w| {
+            matches!(
+                w.as_str(),
+                "-name" | "-sname" | "--name" | "--sname" | "-setcookie" | "--cookie"
+            )
+        }) {
+            s += 6;
+        }
+        if w.iter().any(|w| {
+            ["erl", "elixir", "iex", "beam.smp"]
+                .iter()
+                .any(|b| w == b || w.ends_with(&format!("/{b}")))
+        }) {
+            s += 4;
+        }
+        s
+    };
+    // max_by_key returns the last of equals: reverse so the first wins a tie.
+    containers.iter().rev().max_by_key(|c| score(c))
+}
+
+fn named_port(container: &Container, names: &[&str]) -> Option<u16> {
+    container
+        .ports
+        .iter()
+        .flatten()
         .find(|p| p.name.as_deref().is_some_and(|n| names.contains(&n)))
         .and_then(|p| u16::try_from(p.container_port).ok())
 }
 
-fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
-    container.env.iter().flatten().find(|e| e.name == name)?.value.as_deref()
+/// `-kernel inet_dist_listen_min P inet_dist_listen_max P`: a fixed port.
+fn listen_range(words: &[String]) -> Option<u16> {
+    let min: u16 = flag_value(words, &["inet_dist_listen_min"])?.parse().ok()?;
+    let max: u16 = flag_value(words, &["inet_dist_listen_max"])?.parse().ok()?;
+    (min == max).then_some(min)
 }
 
-/// The value of an env var as the kubelet would set it: a literal, or one of the pod fields
-/// beamredir can see.
-fn resolved_env(pod: &Pod, container: &Container, ip: Ipv4Addr) -> BTreeMap<String, String> {
-    let mut vars = BTreeMap::new();
-    for e in container.env.iter().flatten() {
-        let value = match (&e.value, e.value_from.as_ref().and_then(|v| v.field_ref.as_ref())) {
-            (Some(v), _) => Some(expand(v, &vars)),
-            (None, Some(field)) => match field.field_path.as_str() {
-                "status.podIP" => Some(ip.to_string()),
-                "metadata.name" => pod.metadata.name.clone(),
-                "metadata.namespace" => pod.metadata.namespace.clone(),
-                _ => None,
-            },
-            _ => None,
-        };
-        if let Some(v) = value {
-            vars.insert(e.name.clone(), v);
-        }
-    }
-    vars
-}
-
-/// Kubernetes' `$(VAR)` expansion (unknown references stay as they are; `$$` is `$`).
-pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(stripped) = after.strip_prefix('$') {
-            out.push('$');
-            rest = stripped;
-        } else if let Some(end) = after.strip_prefix('(').and_then(|a| a.find(')')) {
-            let name = &after[1..=end];
-            match vars.get(name) {
-                Some(v) => out.push_str(v),
-                None => out.push_str(&rest[i..i + end + 3]),
-            }
-            rest = &after[end + 2..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// The node name from `-name X@H`/`--name X@H` (erl, elixir, iex) or RELEASE_NODE.
-fn node_name(pod: &Pod, containers: &[Container], ip: Ipv4Addr) -> Option<String> {
-    for c in containers {
-        let vars = resolved_env(pod, c, ip);
-        if let Some(n) = vars.get("RELEASE_NODE").filter(|n| n.contains('@')) {
+/// The node name from `-name`/`-sname` (erl) or `--name`/`--sname` (elixir, iex), or
+/// `RELEASE_NODE` (mix releases; with `RELEASE_DISTRIBUTION=sname` and no host part, the host
+/// is the pod's host name).
+fn spec_node_name(vars: &BTreeMap<String, String>, words: &[String], pod: &Pod) -> Option<String> {
+    if let Some(n) = vars.get("RELEASE_NODE") {
+        if n.contains('@') {
             return Some(n.clone());
         }
-        let argv: Vec<String> = c.command.iter().flatten().chain(c.args.iter().flatten()).map(|a| expand(a, &vars)).collect();
-        // Also look inside `sh -c "…"` style strings.
-        let words: Vec<&str> = argv.iter().flat_map(|a| a.split_whitespace()).collect();
-        if let Some(w) = words.windows(2).find(|w| matches!(w[0], "-name" | "--name")) {
-            let name = w[1].trim_matches(|c| c == '"' || c == '\'');
-            if name.contains('@') {
-                return Some(name.to_string());
-            }
+        if vars.get("RELEASE_DISTRIBUTION").map(String::as_str) == Some("sname") {
+            let host = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.hostname.clone())
+                .or_else(|| pod.metadata.name.clone())?;
+            return Some(format!("{n}@{host}"));
         }
     }
-    None
-}
-
-/// The label selector of a StatefulSet (`spec.selector.matchLabels` and `matchExpressions`).
-pub async fn statefulset_selector(cluster: &Cluster, name: &str) -> Result<String, K8sError> {
-    use k8s_openapi::api::apps::v1::StatefulSet;
-    let api: Api<StatefulSet> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let sts = match api.get_opt(name).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return Err(K8sError::NotFound { what: format!("statefulset {name:?}"), namespace: cluster.namespace.clone() }),
-        Err(e) => return Err(classify(e, &cluster.url, "get", "statefulsets.apps", &cluster.namespace)),
-    };
-    Ok(label_selector_string(&sts.spec.selector))
-}
-
-/// The selector of a Service (the pods behind it).
-pub async fn service_selector(cluster: &Cluster, name: &str) -> Result<String, K8sError> {
-    use k8s_openapi::api::core::v1::Service;
-    let api: Api<Service> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let svc = match api.get_opt(name).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return Err(K8sError::NotFound { what: format!("service {name:?}"), namespace: cluster.namespace.clone() }),
-        Err(e) => return Err(classify(e, &cluster.url, "get", "services", &cluster.namespace)),
-    };
-    let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
-    if selector.is_empty() {
-        return Err(K8sError::Api { verb: "get".into(), resource: "services".into(), message: format!("service {name:?} has no selector, so no pods belong to it") });
-    }
-    Ok(selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
-}
-
-fn label_selector_string(sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> String {
-    let mut parts: Vec<String> = sel.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
-    for e in sel.match_expressions.iter().flatten() {
-        let values = e.values.clone().unwrap_or_default().join(",");
-        parts.push(match e.operator.as_str() {
-            "In" => format!("{} in ({values})", e.key),
-            "NotIn" => format!("{} notin ({values})", e.key),
-            "Exists" => e.key.clone(),
-            _ => format!("!{}", e.key),
-        });
-    }
-    parts.join(",")
-}
-
-/// Pods matching a label selector.
-pub async fn list(cluster: &Cluster, selector: &str) -> Result<Vec<Pod>, K8sError> {
-    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    api.list(&ListParams::default().labels(selector))
-        .await
-        .map(|l| l.items)
-        .map_err(|e| classify(e, &cluster.url, "list", "pods", &cluster.namespace))
-}
-
-/// Fetches a pod. When it does not exist, says whether the namespace does and lists the pods
-/// whose names come closest.
-pub async fn get(cluster: &Cluster, name: &str) -> Result<Pod, K8sError> {
-    let ns = &cluster.namespace;
-    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
-    match api.get_opt(name).await {
-        Ok(Some(pod)) => Ok(pod),
-        Ok(None) => Err(not_found(cluster, &api, name).await),
-        Err(e) => Err(classify(e, &cluster.url, "get", "pods", ns)),
-    }
-}
-
-async fn not_found(cluster: &Cluster, api: &Api<Pod>, name: &str) -> K8sError {
-    let ns = cluster.namespace.clone();
-    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
-    if let Ok(None) = namespaces.get_opt(&ns).await {
-        return K8sError::NamespaceNotFound(ns);
-    }
-    let names: Vec<String> = api
-        .list(&ListParams::default())
-        .await
-        .map(|l| l.items.into_iter().filter_map(|p| p.metadata.name).collect())
-        .unwrap_or_default();
-    let near = near_matches(name, &names);
-    let suggestions = if near.is_empty() {
-        if names.is_empty() { "; the namespace has no pods".into() } else { String::new() }
-    } else {
-        format!("; did you mean {}?", near.join(", "))
-    };
-    K8sError::PodNotFound { name: name.into(), namespace: ns, suggestions }
-}
-
-/// Names within a small edit distance, or sharing a prefix/substring, closest first (max 5).
-pub fn near_matches(wanted: &str, names: &[String]) -> Vec<String> {
-    let mut scored: Vec<(usize, &String)> = names
-        .iter()
-        .filter_map(|n| {
-            let d = edit_distance(wanted, n);
-            let related = n.contains(wanted) || wanted.contains(n.as_str()) || d <= 2.max(wanted.len() / 3);
-            related.then_some((d, n))
-        })
-        .collect();
-    scored.sort();
-    scored.into_iter().take(5).map(|(_, n)| n.clone()).collect()
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
+    let name = flag_value(words, &["-name", "--name", "-sname", "--sname"])?;
+    name.contains('@').then(|| name.to_string())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn pod(json: serde_json::Value) -> Pod {
@@ -291,19 +294,60 @@ mod tests {
     }
 
     #[test]
-    fn ports_from_named_container_ports_then_env() {
+    fn ports_from_named_container_ports_then_env_and_flags() {
         let p = running(serde_json::json!([{"name": "app", "ports": [
             {"name": "epmd", "containerPort": 4370}, {"name": "erlang", "containerPort": 9000}]}]));
         let t = PodTarget::from_pod(&p, None).unwrap();
-        assert_eq!((t.ip, t.epmd_port, t.dist_port), (Ipv4Addr::new(10, 244, 0, 5), 4370, Some(9000)));
-        assert_eq!(PodTarget::from_pod(&p, Some(9100)).unwrap().dist_port, Some(9100));
+        assert_eq!(
+            (t.ips[0], t.epmd_port, t.dist_port),
+            (
+                IpAddr::V4(Ipv4Addr::new(10, 244, 0, 5)),
+                4370,
+                Some((9000, PortSource::NamedContainerPort))
+            )
+        );
+        assert_eq!(
+            PodTarget::from_pod(&p, Some(9100)).unwrap().dist_port,
+            Some((9100, PortSource::Flag))
+        );
 
-        let p = running(serde_json::json!([{"name": "app", "env": [{"name": "ERL_PORT", "value": "9001"}]}]));
+        let p = running(
+            serde_json::json!([{"name": "app", "env": [{"name": "ERL_PORT", "value": "9001"}]}]),
+        );
         let t = PodTarget::from_pod(&p, None).unwrap();
-        assert_eq!((t.epmd_port, t.dist_port), (4369, Some(9001)));
+        assert_eq!(
+            (t.epmd_port, t.dist_port, t.epmdless),
+            (4369, Some((9001, PortSource::ErlPort)), false)
+        );
+
+        let p = running(
+            serde_json::json!([{"name": "app", "command": ["erl", "-start_epmd", "false", "-erl_epmd_port", "9100", "-name", "a@b.c"]}]),
+        );
+        let t = PodTarget::from_pod(&p, None).unwrap();
+        assert_eq!(
+            (t.dist_port, t.epmdless),
+            (Some((9100, PortSource::ErlEpmdPort)), true)
+        );
+
+        let p = running(
+            serde_json::json!([{"name": "app", "env": [{"name": "ERL_DIST_PORT", "value": "9200"}]}]),
+        );
+        let t = PodTarget::from_pod(&p, None).unwrap();
+        assert_eq!(
+            (t.dist_port, t.epmdless),
+            (Some((9200, PortSource::ErlDistPort)), true)
+        );
+
+        let p = running(
+            serde_json::json!([{"name": "app", "args": ["--erl", "-kernel inet_dist_listen_min 9300 inet_dist_listen_max 9300"]}]),
+        );
+        assert_eq!(
+            PodTarget::from_pod(&p, None).unwrap().dist_port,
+            Some((9300, PortSource::ListenRange))
+        );
 
         let p = running(serde_json::json!([{"name": "app"}]));
-        assert!(matches!(PodTarget::from_pod(&p, None).unwrap().require_dist_port(), Err(K8sError::NoDistPort { .. })));
+        assert_eq!(PodTarget::from_pod(&p, None).unwrap().dist_port, None);
     }
 
     #[test]
@@ -311,40 +355,103 @@ mod tests {
         let p = running(serde_json::json!([{"name": "app", "command": ["erl"],
             "args": ["-name", "app@$(HOST)", "-setcookie", "x"],
             "env": [{"name": "HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]}]));
-        assert_eq!(PodTarget::from_pod(&p, None).unwrap().node_name.as_deref(), Some("app@10.244.0.5"));
-        let p = running(serde_json::json!([{"name": "app", "command": ["sh", "-c", "exec iex --name web@$(POD_IP) -S mix"],
-            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]}]));
-        assert_eq!(PodTarget::from_pod(&p, None).unwrap().node_name.as_deref(), Some("web@10.244.0.5"));
+        assert_eq!(
+            PodTarget::from_pod(&p, None)
+                .unwrap()
+                .spec_node_name
+                .as_deref(),
+            Some("app@10.244.0.5")
+        );
+        let p = running(
+            serde_json::json!([{"name": "app", "command": ["sh", "-c", "exec iex --sname web@$(POD_NAME) -S mix"],
+            "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}]),
+        );
+        assert_eq!(
+            PodTarget::from_pod(&p, None)
+                .unwrap()
+                .spec_node_name
+                .as_deref(),
+            Some("web@app-0")
+        );
+        let p = running(
+            serde_json::json!([{"name": "app", "env": [{"name": "ERL_AFLAGS", "value": "-name x@y.z -hidden"}]}]),
+        );
+        assert_eq!(
+            PodTarget::from_pod(&p, None)
+                .unwrap()
+                .spec_node_name
+                .as_deref(),
+            Some("x@y.z")
+        );
+        let p = running(
+            serde_json::json!([{"name": "app", "env": [{"name": "RELEASE_NODE", "value": "shop"}, {"name": "RELEASE_DISTRIBUTION", "value": "sname"}]}]),
+        );
+        assert_eq!(
+            PodTarget::from_pod(&p, None)
+                .unwrap()
+                .spec_node_name
+                .as_deref(),
+            Some("shop@app-0")
+        );
     }
 
     #[test]
-    fn not_running_not_ready_no_ip() {
-        let mut p = running(serde_json::json!([]));
-        p.status.as_mut().unwrap().phase = Some("Pending".into());
-        assert!(PodTarget::from_pod(&p, None).unwrap_err().to_string().contains("phase is Pending"));
-        let mut p = running(serde_json::json!([]));
+    fn running_is_enough_readiness_is_reported() {
+        let mut p = running(serde_json::json!([{"name": "app"}]));
         p.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].status = "False".into();
-        assert!(PodTarget::from_pod(&p, None).unwrap_err().to_string().contains("Ready condition"));
-        let mut p = running(serde_json::json!([]));
+        assert!(!PodTarget::from_pod(&p, None).unwrap().ready);
+        let mut p = running(serde_json::json!([{"name": "app"}]));
+        p.status.as_mut().unwrap().phase = Some("Pending".into());
+        assert_eq!(
+            PodTarget::from_pod(&p, None).unwrap_err(),
+            NotReachable::NotRunning("Pending".into())
+        );
+        let mut p = running(serde_json::json!([{"name": "app"}]));
         p.status.as_mut().unwrap().pod_ip = None;
-        assert!(PodTarget::from_pod(&p, None).unwrap_err().to_string().contains("no pod IP"));
+        assert_eq!(
+            PodTarget::from_pod(&p, None).unwrap_err(),
+            NotReachable::NoIp
+        );
     }
 
     #[test]
-    fn expansion_like_the_kubelet() {
-        let vars: BTreeMap<String, String> = [("A".to_string(), "1".to_string())].into();
-        assert_eq!(expand("x$(A)y", &vars), "x1y");
-        assert_eq!(expand("$(B)", &vars), "$(B)");
-        assert_eq!(expand("$$(A)", &vars), "$(A)");
-        assert_eq!(expand("$", &vars), "$");
-        assert_eq!(expand("$(A", &vars), "$(A");
+    fn dual_stack_and_ipv6_addresses() {
+        let mut p = running(serde_json::json!([{"name": "app"}]));
+        let st = p.status.as_mut().unwrap();
+        st.pod_ip = Some("fd00:10:244::5".into());
+        st.pod_ips = Some(vec![
+            k8s_openapi::api::core::v1::PodIP {
+                ip: "fd00:10:244::5".into(),
+            },
+            k8s_openapi::api::core::v1::PodIP {
+                ip: "10.244.0.5".into(),
+            },
+        ]);
+        let t = PodTarget::from_pod(&p, None).unwrap();
+        assert_eq!(
+            t.ips,
+            vec![
+                "fd00:10:244::5".parse::<IpAddr>().unwrap(),
+                "10.244.0.5".parse().unwrap()
+            ]
+        );
+        assert!(t.has_v4());
     }
 
     #[test]
-    fn near_matches_rank_by_distance() {
-        let names: Vec<String> = ["app-0", "app-1", "web-0", "database"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(near_matches("app-3", &names), vec!["app-0", "app-1"]);
-        assert_eq!(near_matches("app", &names), vec!["app-0", "app-1"]);
-        assert!(near_matches("zzzzzzzz", &names).is_empty());
+    fn the_erlang_container_is_found_by_ports_and_env_not_position() {
+        let p = running(serde_json::json!([
+            {"name": "proxy", "image": "envoy", "ports": [{"name": "http", "containerPort": 8080}]},
+            {"name": "app", "image": "app", "env": [{"name": "RELEASE_COOKIE", "value": "x"}, {"name": "RELEASE_NODE", "value": "app@1.2.3.4"}],
+             "ports": [{"name": "epmd", "containerPort": 4369}]},
+        ]));
+        let t = PodTarget::from_pod(&p, None).unwrap();
+        assert_eq!(
+            (t.container.as_str(), t.spec_node_name.as_deref()),
+            ("app", Some("app@1.2.3.4"))
+        );
+        // With nothing to go on, the first container.
+        let p = running(serde_json::json!([{"name": "a"}, {"name": "b"}]));
+        assert_eq!(PodTarget::from_pod(&p, None).unwrap().container, "a");
     }
 }

@@ -1,5 +1,6 @@
 //! The control socket of a running session (`STATE_DIR/NAME.sock`): one request line in, one
-//! JSON line out. `status` and `down` talk to sessions through it.
+//! JSON line out. `status` and `down` talk to sessions through it. The handler may wait (for
+//! the network part's counters), so it is async.
 use std::{
     io::{self, BufRead, BufReader, Write},
     os::unix::net::UnixStream,
@@ -9,7 +10,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader},
     net::UnixListener,
 };
 
@@ -36,30 +37,48 @@ impl Request {
     }
 }
 
+/// Answers one request with one JSON line.
+pub type Handler = Arc<
+    dyn Fn(Request) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Binds the socket (replacing a stale file of a dead session) and serves requests until the
 /// returned task is aborted. The handler returns the JSON answer.
-pub fn serve(
-    path: &Path,
-    handler: Arc<dyn Fn(Request) -> String + Send + Sync>,
-) -> io::Result<tokio::task::JoinHandle<()>> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    // Only root may ask a session for its status or to go down.
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+pub fn serve(path: &Path, handler: Handler) -> io::Result<tokio::task::JoinHandle<()>> {
+    // Only root may ask a session for its status or to go down: the socket is created 0600.
+    let listener = super::state_dir::bind_private_socket(path)?;
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
+                // One short line, read within a bound of bytes and time.
                 let mut line = String::new();
-                let mut reader = AsyncBufReader::new(read);
-                if reader.read_line(&mut line).await.is_err() {
-                    return;
+                let mut reader = AsyncBufReader::new(read).take(256);
+                match tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+                    .await
+                {
+                    Ok(Ok(_)) => {}
+                    _ => return,
                 }
                 let answer = match Request::parse(&line) {
-                    Some(req) => handler(req),
-                    None => serde_json::json!({"error": format!("unknown request {:?}", line.trim())}).to_string(),
+                    Some(req) => handler(req).await,
+                    None => {
+                        serde_json::json!({"error": format!("unknown request {:?}", line.trim())})
+                            .to_string()
+                    }
                 };
                 let _ = write.write_all(answer.as_bytes()).await;
                 let _ = write.write_all(b"\n").await;

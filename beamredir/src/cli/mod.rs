@@ -1,0 +1,354 @@
+//! The `beamredir` command line: flags (clap, kubectl's spelling where there is one) and the
+//! glue from them to the library. Errors are reported by main, in one line each.
+//!
+//! * [`host`]: serving a running session (signals, control socket, the command, the network
+//!   part's requests) — shared by `map` and `up`;
+//! * [`up`]: the root part of `up`: claim the name, start the network part, start the session;
+//! * [`admin`]: `exec`, `shell`, `status`, `down`, `doctor`.
+mod admin;
+mod host;
+mod up;
+
+use std::{io::Write, path::PathBuf, time::Duration};
+
+use anyhow::{Result, bail};
+use beamredir::{
+    k8s::KubeArgs,
+    mapping::{self, Mapping},
+    session::{DEFAULT_SESSION, DEFAULT_STATE_DIR, StateDir, active::ScopeRequest},
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "beamredir",
+    version,
+    about = "Reach Erlang/Elixir pods in Kubernetes from a local BEAM node: eBPF connect() redirection to port-forwards, per shell",
+    long_about = None,
+    after_help = "Examples:\n  sudo beamredir up --pod app-0\n  sudo beamredir status\n  sudo beamredir doctor"
+)]
+pub struct Cli {
+    /// More logging: -v logs each redirected connect() from the eBPF program, -vv traces.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Where session records and control sockets live.
+    #[arg(long, global = true, env = "BEAMREDIR_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Port-forward pods' Erlang ports through the API server and redirect the pod IPs to them.
+    #[command(after_help = "Examples:\n  \
+        sudo beamredir up --pod app-0 -- iex --name debug@127.0.0.1 --hidden --remsh app@10.244.0.5\n  \
+        sudo beamredir up -n prod --context staging --statefulset app --session shop\n  \
+        sudo beamredir up --kubeconfig ~/.kube/kind.yaml --pod app-0 --dist-port 9000\n\n\
+        The network part (kubeconfig, credential plugins, API server, pods) runs as you, not as root.")]
+    Up(UpArgs),
+    /// Redirect pod IP:port to local forwards you already run (e.g. kubectl port-forward).
+    #[command(after_help = "Examples:\n  \
+        kubectl port-forward pod/app-0 14369:4369 15555:5555 &\n  \
+        sudo beamredir map 10.244.0.5:4369=14369 10.244.0.5:5555=15555 -- \\\n      \
+        erl -name debug@127.0.0.1 -hidden -remsh app@10.244.0.5\n\n  \
+        # or keep the session in the foreground and join it from other shells:\n  \
+        sudo beamredir map --session work 10.244.0.5:4369=14369 10.244.0.5:5555=15555\n  \
+        sudo beamredir shell --session work")]
+    Map(MapArgs),
+    /// Run a command inside a running session (as the user who invoked sudo).
+    #[command(
+        after_help = "Example:\n  sudo beamredir exec --session work -- iex --name debug@127.0.0.1 --hidden --remsh app@10.244.0.5"
+    )]
+    Exec(ExecArgs),
+    /// Start your shell inside a running session (as the user who invoked sudo).
+    #[command(after_help = "Example:\n  sudo beamredir shell --session work")]
+    Shell(SessionArg),
+    /// List sessions, their redirects and how many connects each redirected.
+    #[command(
+        after_help = "Examples:\n  sudo beamredir status\n  sudo beamredir status -o json | jq '.[].redirects'\n  sudo beamredir status -o wide --watch"
+    )]
+    Status(StatusArgs),
+    /// End a session (or all of yours) and clean up what crashed sessions left.
+    #[command(
+        after_help = "Examples:\n  sudo beamredir down --session work\n  sudo beamredir down --all"
+    )]
+    Down(DownArgs),
+    /// Check this host can run beamredir, and say what to fix if not.
+    #[command(after_help = "Example:\n  sudo beamredir doctor")]
+    Doctor,
+    /// (internal) The unprivileged network part of a session, started by the root part.
+    #[command(name = "__network-part", hide = true)]
+    NetworkPart,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ScopeArgs {
+    /// Session name (also the name of its cgroup, /beamredir/NAME).
+    #[arg(long, short = 's', default_value = DEFAULT_SESSION)]
+    pub session: String,
+    /// Redirect every process on the machine (attach at the root cgroup).
+    #[arg(long, conflicts_with = "cgroup")]
+    pub global: bool,
+    /// Attach to this existing cgroup instead of creating one.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+    /// How many redirects (pod address:port entries) the session's maps hold.
+    #[arg(long, value_name = "N", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_redirects: u32,
+}
+
+impl ScopeArgs {
+    pub fn request(&self) -> ScopeRequest {
+        match (&self.cgroup, self.global) {
+            (Some(path), _) => ScopeRequest::Existing(path.clone()),
+            (None, true) => ScopeRequest::Global,
+            (None, false) => ScopeRequest::NewCgroup,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MapArgs {
+    /// POD_IP:PORT=LOCAL_PORT (or =LOCAL_IP:LOCAL_PORT; [IPv6]:PORT for IPv6 pods): connect() to POD_IP:PORT goes to the local forward.
+    #[arg(required = true, value_name = "POD_IP:PORT=LOCAL_PORT")]
+    pub mappings: Vec<Mapping>,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    /// Command to run in the session; beamredir ends the session when it exits and exits with its code.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["pods", "statefulset", "selector", "service"])))]
+pub struct UpArgs {
+    /// Pod to reach (repeatable; pod/NAME works too).
+    #[arg(long = "pod", short = 'p', value_name = "NAME")]
+    pub pods: Vec<String>,
+    /// Every pod of this StatefulSet, followed as it scales and restarts.
+    #[arg(long, value_name = "NAME")]
+    pub statefulset: Option<String>,
+    /// Every pod matching this label selector (kubectl's -l).
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub selector: Option<String>,
+    /// Every pod behind this Service (e.g. the headless Service of a StatefulSet).
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// The pods' Erlang distribution port (default: a container port named `erlang`/`dist`, ERL_DIST_PORT, -erl_epmd_port, else what the pod's epmd says).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub dist_port: Option<u16>,
+    /// The cluster's DNS domain, for names like app-0.app.default.svc.cluster.local.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Command to run in the session; beamredir ends the session when it exits and exits with its code.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Bounds on what a session holds (see docs/reliability.md).
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Concurrent forwarded connections, all forwards together; past it, connections wait up to 5 s for a slot, then are closed.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+    /// Ports forwarded per pod (its epmd and the distribution ports it lists).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_ports_per_pod: u32,
+    /// How long a port-forward upgrade through the API server may take.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub upgrade_timeout: Duration,
+}
+
+/// `15s`, `500ms`, `2m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 15s, 500ms, 2m)"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(60 * n),
+        _ => return Err(format!("{s:?} is not a duration (e.g. 15s, 500ms, 2m)")),
+    };
+    if d.is_zero() || d > Duration::from_secs(600) {
+        return Err(format!("{s:?}: give a duration between 1ms and 10m"));
+    }
+    Ok(d)
+}
+
+#[derive(Args, Debug)]
+pub struct SessionArg {
+    /// Session to join (default: your only running one).
+    #[arg(long, short = 's')]
+    pub session: Option<String>,
+    /// Act on a session another user started (only root itself, not a sudo user, may).
+    #[arg(long)]
+    pub any_user: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub session: SessionArg,
+    /// The command and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// The default table.
+    Table,
+    /// Wider table: forward counters and pod details.
+    Wide,
+    /// JSON: an array of sessions (schema: docs/status-schema.md).
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Output format (kubectl's -o).
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Same as -o json.
+    #[arg(long, conflicts_with = "output")]
+    pub json: bool,
+    /// Print again every 2 s until interrupted.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    /// Session to end (default: your only running one).
+    #[arg(long, short = 's', conflicts_with = "all")]
+    pub session: Option<String>,
+    /// End every one of your sessions (root with --any-user: everyone's).
+    #[arg(long)]
+    pub all: bool,
+    /// Act on sessions other users started (only root itself, not a sudo user, may).
+    #[arg(long)]
+    pub any_user: bool,
+}
+
+pub fn init_logging(cli: &Cli) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => log::LevelFilter::Warn,
+        (false, 0) => log::LevelFilter::Info,
+        (false, 1) => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Warn)
+        .filter_module("beamredir", level)
+        .filter_module("beamredir_ebpf", level)
+        // kube logs the failures beamredir reports itself (one line each): only with -v.
+        .filter_module(
+            "kube_client",
+            if cli.verbose > 0 {
+                level
+            } else {
+                log::LevelFilter::Off
+            },
+        )
+        .filter_module(
+            "kube_runtime",
+            if cli.verbose > 0 {
+                level
+            } else {
+                log::LevelFilter::Off
+            },
+        )
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "beamredir: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "`beamredir {what}` needs root (eBPF programs and cgroup writes need CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it with sudo"
+        );
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Raises the soft limit on open files to the hard limit, in the network part only: each
+/// forwarded connection holds two descriptors (local and API server), and 1024 is the usual
+/// soft default. Not in the root part: its commands would inherit it, and epmd (select-based)
+/// breaks with a huge limit.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<i32> {
+    let state = StateDir::new(&cli.state_dir);
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Map(args) => {
+            mapping::check_unique(&args.mappings)?;
+            require_root("map")?;
+            host::map(state, args, cli.verbose, quiet)
+        }
+        Command::Up(args) => {
+            require_root("up")?;
+            up::up(state, args, cli.verbose, quiet)
+        }
+        Command::NetworkPart => up::network_part(),
+        Command::Exec(args) => {
+            require_root("exec")?;
+            admin::exec_in_session(&state, &args.session, args.command)
+        }
+        Command::Shell(args) => {
+            require_root("shell")?;
+            admin::shell(&state, &args)
+        }
+        Command::Status(args) => admin::status(
+            &state,
+            if args.json { Output::Json } else { args.output },
+            args.watch,
+        ),
+        Command::Down(args) => {
+            require_root("down")?;
+            admin::down(&state, args.session.as_deref(), args.all, args.any_user)
+        }
+        Command::Doctor => admin::doctor(&state),
+    }
+}

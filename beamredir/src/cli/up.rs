@@ -1,0 +1,253 @@
+//! `beamredir up`, root part: take the session's name, start the network part (as the invoking
+//! user, see [`beamredir::privsep`]), answer its requests until it has found the pods, then
+//! start the session with what it found and serve it. Nothing exists in the kernel until the
+//! pods are known, so a failure before that leaves nothing behind.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, anyhow, bail};
+use beamredir::{
+    privsep::{
+        channel::{self, Channel, Link},
+        messages::{PeerRule, SessionCommand, ToNet, ToRoot, printable},
+        net::RootLink,
+        root::{Listeners, check_hosts},
+        spawn::spawn_network_part,
+    },
+    session::{
+        ActiveSession, Scope, SessionClaim, SessionOptions, StateDir,
+        runas::{self, Identity},
+    },
+    up::{Limits, NetConfig, PodSource},
+};
+
+use super::{
+    UpArgs,
+    host::{NetPart, Signals, load_options, owner_ids, serve, session_banner},
+};
+
+/// kubectl users write pod/NAME (and sts/NAME, svc/NAME) too.
+fn strip_kind(s: &str, kinds: &[&str]) -> String {
+    kinds
+        .iter()
+        .find_map(|k| s.strip_prefix(k))
+        .unwrap_or(s)
+        .to_string()
+}
+
+fn net_config(args: &UpArgs) -> NetConfig {
+    let source = match (&args.statefulset, &args.selector, &args.service) {
+        (Some(sts), _, _) => {
+            PodSource::StatefulSet(strip_kind(sts, &["statefulset/", "statefulsets/", "sts/"]))
+        }
+        (_, Some(sel), _) => PodSource::Selector(sel.clone()),
+        (_, _, Some(svc)) => {
+            PodSource::Service(strip_kind(svc, &["service/", "services/", "svc/"]))
+        }
+        _ => PodSource::Names(
+            args.pods
+                .iter()
+                .map(|p| strip_kind(p, &["pod/", "pods/", "po/"]))
+                .collect(),
+        ),
+    };
+    NetConfig {
+        kube: args.kube.clone(),
+        source,
+        dist_port: args.dist_port,
+        cluster_domain: args.cluster_domain.clone(),
+        limits: Limits {
+            max_connections: args.limits.max_connections as usize,
+            max_redirects: args.scope.max_redirects as usize,
+            max_ports_per_pod: args.limits.max_ports_per_pod as usize,
+            upgrade_timeout_ms: args.limits.upgrade_timeout.as_millis() as u64,
+            ..Limits::default()
+        },
+    }
+}
+
+pub fn up(state: StateDir, args: UpArgs, verbose: u8, quiet: bool) -> Result<i32> {
+    beamredir::session::validate_name(&args.scope.session)?;
+    if let Some(program) = args.command.first() {
+        runas::check_program(program)?;
+    }
+    let owner = owner_ids()?;
+    let claim = SessionClaim::take(state, &args.scope.session)?;
+    // On the main thread, before any other thread exists: the network part's parent-death
+    // signal follows the thread that started it.
+    let identity = Identity::invoking_user()?;
+    let (ours, theirs) = channel::pair()?;
+    let child = spawn_network_part(theirs, identity.as_ref(), verbose)
+        .map_err(|e| anyhow!("starting the network part: {e}"))?;
+    let runtime = super::runtime()?;
+    let result = runtime.block_on(root_part(claim, ours, child, args, owner, verbose, quiet));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn root_part(
+    claim: SessionClaim,
+    fd: std::os::fd::OwnedFd,
+    child: std::process::Child,
+    args: UpArgs,
+    owner: (u32, u32),
+    verbose: u8,
+    quiet: bool,
+) -> Result<i32> {
+    let signals = Signals::take()?;
+    let (link, incoming) = Link::<ToNet<NetConfig>, ToRoot>::start(Channel::new(fd)?);
+    let max_redirects = args.scope.max_redirects as usize;
+    let mut net = NetPart {
+        link,
+        incoming,
+        listeners: Listeners::new(max_redirects),
+        locals: Arc::new(Mutex::new(BTreeMap::new())),
+        child,
+        max_redirects,
+    };
+    let config = net_config(&args);
+    if let Err(e) = net.link.notify(ToNet::Config(Box::new(config))).await {
+        net.stop().await;
+        bail!("starting the network part: {e}");
+    }
+    let mut signals = signals;
+    let started = Instant::now();
+    // Until the network part has found the pods: listeners on request, progress when slow.
+    let (start_id, redirects, hosts, head, hints, command) = loop {
+        let msg = tokio::select! {
+            m = net.incoming.recv() => m,
+            _ = signals.int.recv() => { net.stop().await; return Ok(130) }
+            _ = signals.term.recv() => { net.stop().await; return Ok(143) }
+            _ = signals.hup.recv() => { net.stop().await; return Ok(129) }
+        };
+        let msg = match msg {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                net.stop().await;
+                bail!("the network part failed before the session started: {e}");
+            }
+            None => {
+                net.stop().await;
+                bail!("the network part ended before the session started");
+            }
+        };
+        match msg.body {
+            ToRoot::Start {
+                redirects,
+                hosts,
+                banner,
+                hints,
+                command,
+            } => break (msg.id, redirects, hosts, banner, hints, command),
+            ToRoot::Fatal { message } => {
+                net.stop().await;
+                bail!("{}", printable(&message, 1024));
+            }
+            ToRoot::Progress { ref text } => {
+                // Quiet start-ups stay quiet; a slow one says what it is doing.
+                if !quiet && started.elapsed() > Duration::from_secs(1) {
+                    eprintln!("beamredir: {}", printable(text, 512));
+                }
+            }
+            _ => {
+                if let Err(e) = net.answer_common(&msg, None).await {
+                    net.stop().await;
+                    bail!("the network part: {e}");
+                }
+            }
+        }
+    };
+    let command = match (args.command.is_empty(), command) {
+        (false, _) => Some(SessionCommand {
+            argv: args.command.clone(),
+            env: Vec::new(),
+        }),
+        (true, Some(c)) if !c.argv.is_empty() && c.argv.len() <= 1024 => Some(c),
+        _ => None,
+    };
+    let checked = net
+        .listeners
+        .resolve(&redirects, max_redirects)
+        .map_err(|e| e.to_string())
+        .and_then(|m| {
+            if let Some(h) = &hosts {
+                check_hosts(h).map_err(|e| e.to_string())?;
+            }
+            Ok(m)
+        });
+    let mappings = match checked {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = net.refuse(start_id, e.clone()).await;
+            net.stop().await;
+            bail!("refusing what the network part found: {e}");
+        }
+    };
+    let session = match claim.start(SessionOptions {
+        scope: args.scope.request(),
+        mappings,
+        load: load_options(verbose, args.scope.max_redirects),
+        hosts,
+        owner,
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = net.refuse(start_id, e.to_string()).await;
+            net.stop().await;
+            return Err(e.into());
+        }
+    };
+    let peers = peer_rule(&session, owner.0);
+    let inetrc = session.record().inetrc.clone();
+    if let Err(e) = net
+        .link
+        .reply(start_id, ToNet::SessionUp { peers, inetrc }, None)
+        .await
+    {
+        drop(session);
+        net.stop().await;
+        bail!("the network part: {e}");
+    }
+    let banner = session_banner(
+        &session,
+        &printable(&head, 64 * 1024),
+        &printable(&hints, 16 * 1024),
+    );
+    serve(
+        Arc::new(Mutex::new(session)),
+        command,
+        banner,
+        Some(net),
+        signals,
+        verbose > 0,
+        quiet,
+    )
+    .await
+}
+
+/// Who may use the forwards: the session's cgroup (and below), or with --global the invoking
+/// user.
+fn peer_rule(session: &ActiveSession, owner_uid: u32) -> PeerRule {
+    match &session.record().scope {
+        Scope::Global => PeerRule::Uid { uid: owner_uid },
+        _ => PeerRule::Cgroup {
+            path: session.cgroup_path(),
+        },
+    }
+}
+
+/// `beamredir __network-part`: the unprivileged part (see [`beamredir::up::run`]).
+pub fn network_part() -> Result<i32> {
+    super::raise_fd_limit();
+    let runtime = super::runtime()?;
+    let code = runtime.block_on(async {
+        let (root, from_root) = RootLink::<NetConfig>::from_inherited_fd()?;
+        Ok::<_, anyhow::Error>(beamredir::up::run(root, from_root).await)
+    });
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    code
+}

@@ -1,0 +1,113 @@
+//! A container's environment and command line as the kubelet builds them: literal values,
+//! downward-API fields, and `$(VAR)` expansion against the variables defined before.
+//! Values from Secrets and ConfigMaps are not read here (that needs permissions and is only
+//! done for the cookie, see [`crate::erlang::cookie`]).
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+/// Kubernetes' `$(VAR)` expansion (unknown references stay as they are; `$$` is `$`).
+pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(end) = after.strip_prefix('(').and_then(|a| a.find(')')) {
+            let name = &after[1..=end];
+            match vars.get(name) {
+                Some(v) => out.push_str(v),
+                None => out.push_str(&rest[i..i + end + 3]),
+            }
+            rest = &after[end + 2..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The downward-API fields beamredir can see from the pod object.
+pub fn field_ref(pod: &Pod, path: &str, ip: Option<IpAddr>) -> Option<String> {
+    match path {
+        "status.podIP" => ip
+            .map(|i| i.to_string())
+            .or_else(|| pod.status.as_ref()?.pod_ip.clone()),
+        "status.hostIP" => pod.status.as_ref()?.host_ip.clone(),
+        "metadata.name" => pod.metadata.name.clone(),
+        "metadata.namespace" => pod.metadata.namespace.clone(),
+        "metadata.uid" => pod.metadata.uid.clone(),
+        "spec.nodeName" => pod.spec.as_ref()?.node_name.clone(),
+        "spec.serviceAccountName" => pod.spec.as_ref()?.service_account_name.clone(),
+        _ => None,
+    }
+}
+
+/// The container's variables with literal and downward-API values, expanded in order as the
+/// kubelet does (a variable may refer to those defined before it).
+pub fn resolved_env(pod: &Pod, container: &Container) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    for e in container.env.iter().flatten() {
+        let value = match (
+            &e.value,
+            e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()),
+        ) {
+            (Some(v), _) => Some(expand(v, &vars)),
+            (None, Some(field)) => field_ref(pod, &field.field_path, None),
+            _ => None,
+        };
+        if let Some(v) = value {
+            vars.insert(e.name.clone(), v);
+        }
+    }
+    vars
+}
+
+/// The container's command line after expansion, split into words, including the words of
+/// `sh -c "…"` strings and of the flags variables OTP reads (ERL_AFLAGS, ERL_FLAGS, ERL_ZFLAGS).
+pub fn words(container: &Container, vars: &BTreeMap<String, String>) -> Vec<String> {
+    let argv = container
+        .command
+        .iter()
+        .flatten()
+        .chain(container.args.iter().flatten())
+        .map(|a| expand(a, vars));
+    let flags = ["ERL_AFLAGS", "ERL_FLAGS", "ERL_ZFLAGS"]
+        .into_iter()
+        .filter_map(|k| vars.get(k).cloned());
+    argv.chain(flags)
+        .flat_map(|a| {
+            a.split_whitespace()
+                .map(|w| w.trim_matches(|c| c == '"' || c == '\'').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The word after `flag` (any of `flags`), e.g. `-name X`.
+pub fn flag_value<'a>(words: &'a [String], flags: &[&str]) -> Option<&'a str> {
+    words
+        .windows(2)
+        .find(|w| flags.contains(&w[0].as_str()))
+        .map(|w| w[1].as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expansion_like_the_kubelet() {
+        let vars: BTreeMap<String, String> = [("A".to_string(), "1".to_string())].into();
+        assert_eq!(expand("x$(A)y", &vars), "x1y");
+        assert_eq!(expand("$(B)", &vars), "$(B)");
+        assert_eq!(expand("$$(A)", &vars), "$(A)");
+        assert_eq!(expand("$", &vars), "$");
+        assert_eq!(expand("$(A", &vars), "$(A");
+    }
+}

@@ -1,0 +1,192 @@
+//! Finding pods through the API: by name (with near matches when it is not there), by label
+//! selector, and the selectors of StatefulSets and Services.
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{Api, api::ListParams};
+
+use super::{
+    Cluster,
+    error::{K8sError, classify},
+};
+
+/// The label selector of a StatefulSet (`spec.selector.matchLabels` and `matchExpressions`).
+pub async fn statefulset_selector(cluster: &Cluster, name: &str) -> Result<String, K8sError> {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    let api: Api<StatefulSet> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let sts = match api.get_opt(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Err(K8sError::NotFound {
+                what: format!("statefulset {name:?}"),
+                namespace: cluster.namespace.clone(),
+            });
+        }
+        Err(e) => {
+            return Err(classify(
+                e,
+                &cluster.url,
+                "get",
+                "statefulsets.apps",
+                &cluster.namespace,
+            ));
+        }
+    };
+    Ok(label_selector_string(&sts.spec.selector))
+}
+
+/// The selector of a Service (the pods behind it).
+pub async fn service_selector(cluster: &Cluster, name: &str) -> Result<String, K8sError> {
+    use k8s_openapi::api::core::v1::Service;
+    let api: Api<Service> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    let svc = match api.get_opt(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Err(K8sError::NotFound {
+                what: format!("service {name:?}"),
+                namespace: cluster.namespace.clone(),
+            });
+        }
+        Err(e) => {
+            return Err(classify(
+                e,
+                &cluster.url,
+                "get",
+                "services",
+                &cluster.namespace,
+            ));
+        }
+    };
+    let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
+    if selector.is_empty() {
+        return Err(K8sError::Api {
+            verb: "get".into(),
+            resource: "services".into(),
+            message: format!("service {name:?} has no selector, so no pods belong to it"),
+        });
+    }
+    Ok(selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
+fn label_selector_string(
+    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> String {
+    let mut parts: Vec<String> = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in sel.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}
+
+/// Pods matching a label selector.
+pub async fn list(cluster: &Cluster, selector: &str) -> Result<Vec<Pod>, K8sError> {
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    api.list(&ListParams::default().labels(selector))
+        .await
+        .map(|l| l.items)
+        .map_err(|e| classify(e, &cluster.url, "list", "pods", &cluster.namespace))
+}
+
+/// Fetches a pod. When it does not exist, says whether the namespace does and lists the pods
+/// whose names come closest.
+pub async fn get(cluster: &Cluster, name: &str) -> Result<Pod, K8sError> {
+    let ns = &cluster.namespace;
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    match api.get_opt(name).await {
+        Ok(Some(pod)) => Ok(pod),
+        Ok(None) => Err(not_found(cluster, &api, name).await),
+        Err(e) => Err(classify(e, &cluster.url, "get", "pods", ns)),
+    }
+}
+
+async fn not_found(cluster: &Cluster, api: &Api<Pod>, name: &str) -> K8sError {
+    let ns = cluster.namespace.clone();
+    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+    if let Ok(None) = namespaces.get_opt(&ns).await {
+        return K8sError::NamespaceNotFound(ns);
+    }
+    let names: Vec<String> = api
+        .list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter_map(|p| p.metadata.name)
+                .collect()
+        })
+        .unwrap_or_default();
+    let near = near_matches(name, &names);
+    let suggestions = if near.is_empty() {
+        if names.is_empty() {
+            "; the namespace has no pods".into()
+        } else {
+            String::new()
+        }
+    } else {
+        format!("; did you mean {}?", near.join(", "))
+    };
+    K8sError::PodNotFound {
+        name: name.into(),
+        namespace: ns,
+        suggestions,
+    }
+}
+
+/// Names within a small edit distance, or sharing a prefix/substring, closest first (max 5).
+pub fn near_matches(wanted: &str, names: &[String]) -> Vec<String> {
+    let mut scored: Vec<(usize, &String)> = names
+        .iter()
+        .filter_map(|n| {
+            let d = edit_distance(wanted, n);
+            let related =
+                n.contains(wanted) || wanted.contains(n.as_str()) || d <= 2.max(wanted.len() / 3);
+            related.then_some((d, n))
+        })
+        .collect();
+    scored.sort();
+    scored.into_iter().take(5).map(|(_, n)| n.clone()).collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn near_matches_rank_by_distance() {
+        let names: Vec<String> = ["app-0", "app-1", "web-0", "database"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(near_matches("app-3", &names), vec!["app-0", "app-1"]);
+        assert_eq!(near_matches("app", &names), vec!["app-0", "app-1"]);
+        assert!(near_matches("zzzzzzzz", &names).is_empty());
+    }
+}

@@ -1,0 +1,119 @@
+//! What happens to one admitted local connection: a port-forward to its pod port through the
+//! API server (given up early if the local side closes while the upgrade is pending), then the
+//! relay. The epmd forward also watches the epmd conversation to learn distribution ports
+//! before their answers reach the local node (see [`crate::erlang::epmd`]).
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::net::TcpStream;
+
+use super::{Up, reconciler::learn_port};
+use crate::{
+    erlang::epmd::{EpmdConversation, Event},
+    forward::Carrier,
+    k8s::portforward::{self, Ended, Inspector},
+};
+
+/// Opens a port-forward per accepted connection and relays it.
+pub fn carrier(up: &Arc<Up>, pod: &str, port: u16, is_epmd: bool) -> Carrier {
+    let (weak, cluster, pod) = (Arc::downgrade(up), up.cluster.clone(), pod.to_string());
+    let timeout = up.config.limits.upgrade_timeout();
+    Arc::new(move |conn, stats| {
+        let (weak, cluster, pod) = (weak.clone(), cluster.clone(), pod.clone());
+        Box::pin(async move {
+            let ws = tokio::select! {
+                ws = portforward::open(&cluster, &pod, port, timeout) => ws.map_err(|e| e.to_string())?,
+                _ = local_closed(&conn) => return Err(format!("pod {}/{pod} port {port}: the local side closed before the port-forward was set up", cluster.namespace)),
+            };
+            let ended = if is_epmd {
+                let watcher = EpmdWatcher {
+                    conv: Arc::new(Mutex::new(EpmdConversation::new())),
+                    up: weak,
+                    pod: pod.clone(),
+                };
+                portforward::relay_inspected(ws, conn, port, stats, watcher).await
+            } else {
+                portforward::relay(ws, conn, port, stats).await
+            };
+            match ended {
+                Ok(Ended::Closed) => Ok(()),
+                Ok(Ended::PodError(msg)) => Err(format!(
+                    "pod {}/{pod} port {port}: {}",
+                    cluster.namespace,
+                    msg.trim()
+                )),
+                Err(e) => Err(format!("pod {}/{pod} port {port}: {e}", cluster.namespace)),
+            }
+        })
+    })
+}
+
+/// Completes when the local side has closed without sending anything; stays pending once it has
+/// sent data (which waits in the socket for the relay).
+async fn local_closed(conn: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match conn.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Follows one epmd connection through the forward.
+#[derive(Clone)]
+struct EpmdWatcher {
+    conv: Arc<Mutex<EpmdConversation>>,
+    up: Weak<Up>,
+    pod: String,
+}
+
+impl Inspector for EpmdWatcher {
+    fn on_local_bytes(&self, bytes: &[u8]) {
+        for event in self.conv.lock().unwrap().client_bytes(bytes) {
+            if let Event::Unparseable { reason } = event {
+                log::debug!(
+                    "pod {} epmd request not understood ({reason}); relaying as is",
+                    self.pod
+                );
+            }
+        }
+    }
+
+    fn on_pod_bytes(
+        &self,
+        bytes: &[u8],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let events = self.conv.lock().unwrap().server_bytes(bytes);
+        let (up, pod) = (self.up.clone(), self.pod.clone());
+        Box::pin(async move {
+            for event in events {
+                match event {
+                    Event::DistPort { node, port } => {
+                        if let Some(up) = up.upgrade() {
+                            learn_port(&up, &pod, &node, port).await;
+                        }
+                    }
+                    Event::Unparseable { reason } => log::debug!(
+                        "pod {pod} epmd answer not understood ({reason}); relaying as is"
+                    ),
+                    _ => {}
+                }
+            }
+        })
+    }
+
+    fn on_pod_closed(&self) {
+        // A NAMES answer is complete only now (after it was relayed): forward its ports for
+        // the connections that follow.
+        let events = self.conv.lock().unwrap().server_eof();
+        let Some(up) = self.up.upgrade() else { return };
+        for event in events {
+            if let Event::Names(nodes) = event {
+                let (up, pod) = (up.clone(), self.pod.clone());
+                tokio::spawn(async move {
+                    for (node, port) in nodes.into_iter().take(up.config.limits.max_ports_per_pod) {
+                        learn_port(&up, &pod, &node, port).await;
+                    }
+                });
+            }
+        }
+    }
+}
