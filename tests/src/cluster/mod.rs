@@ -1,6 +1,7 @@
 //! A simulated Kubernetes cluster that speaks the real wire protocol, for tests and the demo.
 //!
-//! * [`apiserver`]: HTTPS API server (bearer token, real JSON, watch, port-forward WebSocket);
+//! * [`apiserver`]: HTTPS API server (bearer token, real JSON, watch, port-forward over WebSocket
+//!   channels, and kubectl's SPDY/3.1 in [`spdy`]);
 //! * [`kubelet`]: StatefulSet controller + kubelet running each pod as a network namespace
 //!   with a real BEAM node;
 //! * [`store`], [`selector`], [`pki`]: objects and resourceVersions, selectors, certificates
@@ -12,6 +13,7 @@ pub mod apiserver;
 pub mod kubelet;
 pub mod pki;
 pub mod selector;
+pub mod spdy;
 pub mod store;
 
 use std::{
