@@ -188,14 +188,24 @@ pub fn dial_pod(netns: PathBuf, pod: String, uid: String) -> Dial {
                 })
                 .map_err(|e| {
                     fail(format!(
-                        "failed to connect to localhost:{port} inside namespace \"{}\", IPv4: dial tcp4 127.0.0.1:{port}: {e}",
-                        netns.display()
+                        "failed to connect to localhost:{port} inside namespace \"{}\", IPv4: dial tcp4 127.0.0.1:{port}: connect: {}",
+                        netns.display(),
+                        go_errno(&e)
                     ))
                 })?;
             let _ = conn.set_nodelay(true);
             Ok(Box::new(conn) as PodConn)
         })
     })
+}
+
+/// An OS error as Go prints it ("connection refused"), not as Rust does
+/// ("Connection refused (os error 111)"): the text kubectl users see from a kubelet.
+fn go_errno(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text);
+    let mut chars = text.chars();
+    chars.next().map(|c| c.to_lowercase().chain(chars).collect()).unwrap_or_default()
 }
 
 /// A failed upgrade: (HTTP code, Status reason, message).
