@@ -139,6 +139,25 @@ impl SimCluster {
         self.state.active_port_forwards()
     }
 
+    /// `kubectl ARGS` in the workstation namespace, against this cluster's kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = self.ws.command("kubectl");
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd
+    }
+
+    /// Refuses kubectl's SPDY-in-WebSocket port-forward from now on (400, as API servers
+    /// before 1.30 answer it): kubectl falls back to plain SPDY/3.1.
+    pub fn refuse_spdy_over_websocket(&self, refuse: bool) {
+        self.state.spdy.refuse_websocket.store(refuse, Ordering::Relaxed);
+    }
+
+    /// SPDY port-forward connections accepted so far: (tunnelled in WebSocket, plain).
+    pub fn spdy_connections(&self) -> (u64, u64) {
+        let s = &self.state.spdy;
+        (s.websocket_connections.load(Ordering::Relaxed), s.plain_connections.load(Ordering::Relaxed))
+    }
+
     /// `beamredir ARGS` in the workstation namespace, against this cluster's kubeconfig.
     pub fn beamredir(&self, state_dir: &std::path::Path) -> Command {
         let mut cmd = self.ws.command(beamredir_bin());
