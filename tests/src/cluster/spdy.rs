@@ -67,7 +67,8 @@ const MAX_CONTROL_LEN: usize = 64 * 1024;
 /// Inflated header block (a zlib bomb stops here).
 const MAX_HEADER_BLOCK: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
-/// Client streams open at once per connection (kubectl: two per local connection).
+/// Client streams (and stream pairs) open at once per connection (kubectl: two streams per
+/// local connection).
 const MAX_STREAMS: usize = 1024;
 /// DATA payloads (up to 16 MiB each on the wire) are passed on in pieces of at most this size.
 const DATA_CHUNK: usize = 64 * 1024;
@@ -777,7 +778,8 @@ impl Session {
         let (Some(port), Some(request)) = (get("port").and_then(|p| p.parse::<u16>().ok()).filter(|p| *p > 0), get("requestid")) else {
             return self.send(Out::Rst(id, RST_PROTOCOL_ERROR)).await;
         };
-        if self.goaway || self.streams.len() >= MAX_STREAMS {
+        // Pairs count too: a pair whose streams were reset lingers until it ends or expires.
+        if self.goaway || self.streams.len() >= MAX_STREAMS || (self.pairs.len() >= MAX_STREAMS && !self.pairs.contains_key(request)) {
             return self.send(Out::Rst(id, RST_REFUSED_STREAM)).await;
         }
         let request = request.to_string();
