@@ -8,6 +8,8 @@
 //!   kubelet does.
 //! * [`Workstation`]: a namespace with only loopback: no route to any pod IP, so anything the
 //!   redirect misses fails with ENETUNREACH instead of leaving the machine.
+//! * [`recipe`]: the manual `kubectl port-forward` + iptables recipe beamredir replaces, run for
+//!   real as a baseline.
 //!
 //! Names are unique per process and call so tests can run concurrently.
 use std::{
@@ -26,6 +28,7 @@ use std::{
 
 pub mod cluster;
 pub mod demo;
+pub mod recipe;
 
 use anyhow::{Context, Result, bail, ensure};
 

@@ -1,7 +1,8 @@
 //! The simulated Kubernetes API server: HTTPS (rustls) with bearer-token auth, real
 //! Kubernetes JSON (Pod, PodList, Service, StatefulSet, Namespace, Status errors, watch
 //! events, meta.k8s.io Table for kubectl), and the pod `portforward` subresource over
-//! WebSocket with the channel protocol (`v4.channel.k8s.io` / `portforward.k8s.io`).
+//! WebSocket with the channel protocol (`v4.channel.k8s.io` / `portforward.k8s.io`), and over
+//! SPDY/3.1 for kubectl (see [`super::spdy`]).
 //!
 //! It listens on 127.0.0.1 inside the workstation namespace; port-forwards dial localhost
 //! inside the pod's namespace, as the kubelet does.
@@ -35,6 +36,7 @@ use tokio_tungstenite::{
 use super::{
     kubelet::{Kubelet, NODE_NAME, dial_in},
     selector::{FieldSelector, LabelSelector},
+    spdy,
     store::{PodEvent, Store},
 };
 
@@ -53,11 +55,13 @@ pub struct ApiState {
     port_forwards: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Every request as "VERB RESOURCE NAMESPACE/NAME", for tests to inspect.
     pub audit: Mutex<Vec<String>>,
+    /// kubectl's SPDY port-forward: options and counters.
+    pub spdy: spdy::SpdyState,
 }
 
 impl ApiState {
     pub fn new(store: Arc<Store>, kubelet: Arc<Kubelet>, token: String) -> Self {
-        ApiState { store, kubelet, token, forbidden: Mutex::default(), port_forwards: Mutex::default(), audit: Mutex::default() }
+        ApiState { store, kubelet, token, forbidden: Mutex::default(), port_forwards: Mutex::default(), audit: Mutex::default(), spdy: Default::default() }
     }
 
     /// Drops every open port-forward stream abruptly (no close frame), as a broken network
@@ -375,10 +379,23 @@ fn watch_pods(state: &ApiState, rv: Option<u64>, timeout: Duration, select: impl
 
 fn portforward(state: &Arc<ApiState>, req: Request<Incoming>, ns: &str, name: &str, ports: Vec<u16>) -> Response<Body> {
     let Some(pod) = state.store.get_pod(ns, name) else { return not_found("pods", name) };
+    // kubectl: SPDY/3.1, plain or tunnelled in WebSocket; ports come in its stream headers.
+    if let Some(transport) = spdy::requested(&req) {
+        let Some(netns) = state.kubelet.netns_of(ns, name) else {
+            return status(400, "BadRequest", &format!("pod {name} is not running"), None);
+        };
+        let dial = spdy::dial_pod(netns, name.to_string(), pod.metadata.uid.clone().unwrap_or_default());
+        return match spdy::accept(&state.spdy, req, transport, dial) {
+            Ok((response, serve)) => {
+                state.port_forwards.lock().unwrap().push(tokio::spawn(serve).abort_handle());
+                response
+            }
+            Err((code, reason, message)) => status(code, reason, &message, None),
+        };
+    }
     let is_websocket = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if !is_websocket || req.method() != Method::GET {
-        // kubectl's SPDY port-forward lands here.
-        return status(400, "BadRequest", "this simulated API server serves port-forward over WebSocket (v4.channel.k8s.io) only, not SPDY", None);
+        return status(400, "BadRequest", "port-forward needs an upgrade: WebSocket (GET) or SPDY/3.1", None);
     }
     let offered: Vec<String> = req
         .headers()

@@ -1,6 +1,7 @@
 //! A simulated Kubernetes cluster that speaks the real wire protocol, for tests and the demo.
 //!
-//! * [`apiserver`]: HTTPS API server (bearer token, real JSON, watch, port-forward WebSocket);
+//! * [`apiserver`]: HTTPS API server (bearer token, real JSON, watch, port-forward over WebSocket
+//!   channels, and kubectl's SPDY/3.1 in [`spdy`]);
 //! * [`kubelet`]: StatefulSet controller + kubelet running each pod as a network namespace
 //!   with a real BEAM node;
 //! * [`store`], [`selector`], [`pki`]: objects and resourceVersions, selectors, certificates
@@ -12,6 +13,7 @@ pub mod apiserver;
 pub mod kubelet;
 pub mod pki;
 pub mod selector;
+pub mod spdy;
 pub mod store;
 
 use std::{
@@ -135,6 +137,25 @@ impl SimCluster {
 
     pub fn active_port_forwards(&self) -> usize {
         self.state.active_port_forwards()
+    }
+
+    /// `kubectl ARGS` in the workstation namespace, against this cluster's kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = self.ws.command("kubectl");
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd
+    }
+
+    /// Refuses kubectl's SPDY-in-WebSocket port-forward from now on (400, as API servers
+    /// before 1.30 answer it): kubectl falls back to plain SPDY/3.1.
+    pub fn refuse_spdy_over_websocket(&self, refuse: bool) {
+        self.state.spdy.refuse_websocket.store(refuse, Ordering::Relaxed);
+    }
+
+    /// SPDY port-forward connections accepted so far: (tunnelled in WebSocket, plain).
+    pub fn spdy_connections(&self) -> (u64, u64) {
+        let s = &self.state.spdy;
+        (s.websocket_connections.load(Ordering::Relaxed), s.plain_connections.load(Ordering::Relaxed))
     }
 
     /// `beamredir ARGS` in the workstation namespace, against this cluster's kubeconfig.
