@@ -13,6 +13,7 @@ pub mod control;
 pub mod dns;
 pub mod doctor;
 pub mod epmd;
+pub mod erlang;
 pub mod forward;
 pub mod k8s;
 pub mod mapping;
