@@ -17,5 +17,5 @@ pub mod cookie;
 pub mod dist;
 pub mod etf;
 pub mod handshake;
-// pub mod names;
-// pub mod rpc;
+pub mod names;
+pub mod rpc;
