@@ -11,10 +11,12 @@
 //!    `-setcookie X` / `--cookie X` in the expanded command and args (also inside `sh -c "…"`)
 //!    and in `ERL_FLAGS`/`ERL_AFLAGS`/`ERL_ZFLAGS`/`ELIXIR_ERL_OPTIONS`.
 //!
-//! A [`Cookie`] never shows its value in `Debug` or `Display`. [`CookieFile`] writes
-//! `-setcookie VALUE` into an `erl` args file (mode 0600, `O_EXCL|O_NOFOLLOW`, in a private
-//! 0700 directory owned by the user who runs the node, removed on drop), so the local node gets
-//! it with `-args_file FILE`.
+//! A [`Cookie`] never shows its value in `Debug` or `Display`. [`CookieFile`] hands it to a
+//! local node as `.erlang.cookie` in a private home directory (0700, owned by the user who runs
+//! the node; the file 0400, created with `O_EXCL|O_NOFOLLOW`; both removed on drop): the node
+//! runs with `HOME` pointing there. Not an `-args_file`: erlexec expands an args file into the
+//! emulator's own argv, so `-setcookie` from it shows in `/proc/PID/cmdline` of `beam.smp`
+//! (checked on OTP 25.2). `auth` reads `$HOME/.erlang.cookie` when no `-setcookie` is given.
 use std::{
     collections::HashMap,
     fmt,
@@ -69,20 +71,6 @@ impl Cookie {
         &self.0
     }
 
-    /// The `-setcookie` line of an erl args file. Every character that is not a letter or a
-    /// digit is escaped with a backslash: in args files `#` starts a comment, whitespace splits
-    /// arguments, `"` groups words and `\` escapes the next character (checked against erl).
-    pub fn args_file_line(&self) -> String {
-        let mut line = String::from("-setcookie ");
-        for c in self.0.chars() {
-            if !c.is_ascii_alphanumeric() {
-                line.push('\\');
-            }
-            line.push(c);
-        }
-        line.push('\n');
-        line
-    }
 }
 
 impl fmt::Debug for Cookie {
@@ -495,36 +483,37 @@ impl<'a, K: KubeReads> PodEnv<'a, K> {
     }
 }
 
-/// The user a local node runs as: the args file and its directory are given to them.
+/// The user a local node runs as: the cookie home and file are given to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
     pub uid: u32,
     pub gid: u32,
 }
 
-/// An erl args file holding `-setcookie VALUE`, removed (with its private directory) on drop.
-/// Start the node with `-args_file PATH` (`iex --erl "-args_file PATH"`).
+/// Start-up files of the user's real home the local node still reads (linked into the private
+/// home): Erlang's `.erlang` and IEx's `.iex.exs`.
+const LINKED_DOTFILES: [&str; 2] = [".erlang", ".iex.exs"];
+
+/// A private home directory holding `.erlang.cookie`, removed on drop. Run the local node with
+/// [`CookieFile::env`] (`HOME` and the XDG directories of the real home, so shell history and
+/// `~/.config/erlang` stay the user's).
 #[derive(Debug)]
 pub struct CookieFile {
     dir: PathBuf,
     path: PathBuf,
+    real_home: Option<PathBuf>,
 }
 
 impl CookieFile {
-    /// Creates a fresh 0700 directory under `parent` and the 0600 args file in it, both owned by
-    /// `owner` when given (root preparing a file for the sudo user), else by the caller.
-    pub fn create(cookie: &Cookie, parent: &Path, owner: Option<Owner>) -> Result<CookieFile, CookieError> {
+    /// Creates a fresh 0700 directory under `parent` with the 0400 `.erlang.cookie`, both owned
+    /// by `owner` when given (root preparing them for the sudo user), else by the caller.
+    /// `real_home` is the user's own home, whose dotfiles and XDG directories stay in use.
+    pub fn create(cookie: &Cookie, parent: &Path, owner: Option<Owner>, real_home: Option<&Path>) -> Result<CookieFile, CookieError> {
         let dir = private_dir(parent).map_err(CookieError::Write)?;
-        let path = dir.join("cookie.args");
-        let file = CookieFile { dir, path };
+        let path = dir.join(".erlang.cookie");
+        let file = CookieFile { dir, path, real_home: real_home.map(Path::to_path_buf) };
         file.write(cookie, owner).map_err(CookieError::Write)?;
         Ok(file)
-    }
-
-    /// Creates it in `$XDG_RUNTIME_DIR` if set and private, else in the temp directory.
-    pub fn create_default(cookie: &Cookie, owner: Option<Owner>) -> Result<CookieFile, CookieError> {
-        let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).filter(|p| p.is_dir() && owner.is_none());
-        CookieFile::create(cookie, &runtime.unwrap_or_else(std::env::temp_dir), owner)
     }
 
     fn write(&self, cookie: &Cookie, owner: Option<Owner>) -> std::io::Result<()> {
@@ -534,29 +523,56 @@ impl CookieFile {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(0o400)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&self.path)?;
         if let Some(o) = owner {
             std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid))?;
         }
-        f.write_all(cookie.args_file_line().as_bytes())?;
-        f.sync_all()
+        f.write_all(cookie.expose().as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        if let Some(real) = &self.real_home {
+            for name in LINKED_DOTFILES {
+                let target = real.join(name);
+                if target.is_file() {
+                    std::os::unix::fs::symlink(&target, self.dir.join(name))?;
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// The args file.
+    /// The cookie file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// `["-args_file", PATH]`, for erl.
-    pub fn erl_args(&self) -> [String; 2] {
-        ["-args_file".into(), self.path.display().to_string()]
+    /// The private home directory.
+    pub fn home(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Environment for the local node: `HOME` here, and (unless already set) the XDG config,
+    /// cache and data directories of the real home.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![("HOME".to_string(), self.dir.display().to_string())];
+        if let Some(real) = &self.real_home {
+            for (var, default) in [("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"), ("XDG_DATA_HOME", ".local/share")] {
+                if std::env::var_os(var).is_none() {
+                    env.push((var.to_string(), real.join(default).display().to_string()));
+                }
+            }
+        }
+        env
     }
 }
 
 impl Drop for CookieFile {
     fn drop(&mut self) {
+        for name in LINKED_DOTFILES {
+            let _ = fs::remove_file(self.dir.join(name));
+        }
         let _ = fs::remove_file(&self.path);
         let _ = fs::remove_dir(&self.dir);
     }
@@ -774,7 +790,6 @@ mod tests {
         assert!(Cookie::new(&"x".repeat(256)).is_err());
         assert!(Cookie::new("a\nb").unwrap_err().to_string().contains("control character"));
         assert!(Cookie::new("café").unwrap_err().to_string().contains("non-ASCII"));
-        assert_eq!(Cookie::new(r##"a b#c\d"e$'f"##).unwrap().args_file_line(), "-setcookie a\\ b\\#c\\\\d\\\"e\\$\\'f\n");
     }
 
     fn tempdir() -> PathBuf {
@@ -787,14 +802,23 @@ mod tests {
     #[test]
     fn cookie_file_is_private_and_removed_on_drop() {
         let parent = tempdir();
+        let real = parent.join("realhome");
+        fs::create_dir_all(&real).unwrap();
+        fs::write(real.join(".iex.exs"), "IO.puts 1").unwrap();
         let c = Cookie::new("abc def").unwrap();
-        let f = CookieFile::create(&c, &parent, None).unwrap();
-        let dir = f.path().parent().unwrap().to_path_buf();
+        let f = CookieFile::create(&c, &parent, None, Some(&real)).unwrap();
+        let dir = f.home().to_path_buf();
         assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
-        assert_eq!(fs::metadata(f.path()).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(fs::read_to_string(f.path()).unwrap(), "-setcookie abc\\ def\n");
-        assert_eq!(f.erl_args()[0], "-args_file");
+        assert_eq!(fs::metadata(f.path()).unwrap().permissions().mode() & 0o777, 0o400);
+        assert_eq!(fs::read_to_string(f.path()).unwrap(), "abc def\n");
+        assert_eq!(fs::read_link(dir.join(".iex.exs")).unwrap(), real.join(".iex.exs"));
+        assert!(!dir.join(".erlang").exists());
+        assert_eq!(f.env()[0], ("HOME".to_string(), dir.display().to_string()));
+        // A second file never reuses or follows what is there.
+        let g = CookieFile::create(&c, &parent, None, None).unwrap();
+        assert_ne!(g.home(), f.home());
         drop(f);
+        drop(g);
         assert!(!dir.exists());
         fs::remove_dir_all(parent).unwrap();
     }

@@ -9,8 +9,8 @@
 //!   host. `iex --remsh` of Elixir 1.14 cannot use a dynamic name (it pings the remote node
 //!   first, and the first `net_adm:ping` of a dynamically named node answers `pang`), so iex
 //!   gets a unique static hidden name (`beamredir_PID_RANDOM`), which costs the pod one atom.
-//! * The cookie reaches the node through `-args_file` ([`super::cookie::CookieFile`]), never
-//!   argv; `ERL_INETRC` goes in the environment.
+//! * The cookie reaches the node as `$HOME/.erlang.cookie` in a private home
+//!   ([`super::cookie::CookieFile`]), never argv; `ERL_INETRC` goes in the environment too.
 use std::{
     fs,
     io::Read,
@@ -59,8 +59,6 @@ pub enum NamesError {
     OtpTooOld { feature: &'static str, needed: u32, found: OtpVersion },
     #[error("cannot find the local OTP version: {0}; is Erlang installed (erl on PATH)?")]
     OtpVersionUnknown(String),
-    #[error("the path {0:?} contains whitespace or shell characters, which iex's --erl option would split; use a plain directory")]
-    UnsafePath(PathBuf),
 }
 
 /// The mode of an exact node name: long if its host part has a dot or is an IP address.
@@ -174,8 +172,8 @@ pub struct LocalNode<'a> {
     /// The exact name of the node to reach.
     pub target: &'a str,
     pub mode: NameMode,
-    /// The args file holding `-setcookie` ([`super::cookie::CookieFile::path`]).
-    pub cookie_args_file: &'a Path,
+    /// The private home holding `.erlang.cookie`: its [`super::cookie::CookieFile::env`].
+    pub cookie_env: &'a [(String, String)],
     /// The session's inetrc (cluster DNS names), passed as `ERL_INETRC`.
     pub inetrc: Option<&'a Path>,
     /// The user's own flags (after `--`), appended last so they can override ours.
@@ -212,44 +210,37 @@ pub fn unique_name(mode: NameMode) -> String {
 }
 
 fn env_of(n: &LocalNode) -> Vec<(String, String)> {
-    n.inetrc.map(|p| vec![("ERL_INETRC".to_string(), p.display().to_string())]).unwrap_or_default()
+    let mut env = n.cookie_env.to_vec();
+    env.extend(n.inetrc.map(|p| ("ERL_INETRC".to_string(), p.display().to_string())));
+    env
 }
 
-/// `erl NAME -hidden -args_file F -remsh TARGET EXTRA…`.
+/// `erl NAME -hidden -remsh TARGET EXTRA…`.
 pub fn erl_remsh(n: &LocalNode) -> NodeCommand {
     let mut args = vec![name_flag(n.mode).to_string(), erl_name(n), "-hidden".into()];
-    args.extend(["-args_file".to_string(), n.cookie_args_file.display().to_string()]);
     args.extend(["-remsh".to_string(), n.target.to_string()]);
     args.extend(n.extra.iter().cloned());
     NodeCommand { program: "erl".into(), args, env: env_of(n) }
 }
 
-/// `iex --name|--sname UNIQUE --hidden --erl "-args_file F" --remsh TARGET EXTRA…`. The
-/// `elixir` script splits `--erl`'s value on whitespace (unquoted), so a path with whitespace
-/// or shell characters is refused.
-pub fn iex_remsh(n: &LocalNode) -> Result<NodeCommand, NamesError> {
-    let file = n.cookie_args_file.display().to_string();
-    if file.chars().any(|c| c.is_whitespace() || "\"'\\$`*?[]{}()<>|;&!#~".contains(c)) {
-        return Err(NamesError::UnsafePath(n.cookie_args_file.to_path_buf()));
-    }
+/// `iex --name|--sname UNIQUE --hidden --remsh TARGET EXTRA…`.
+pub fn iex_remsh(n: &LocalNode) -> NodeCommand {
     let flag = match n.mode {
         NameMode::Long => "--name",
         NameMode::Short => "--sname",
     };
     let mut args = vec![flag.to_string(), unique_name(n.mode), "--hidden".into()];
-    args.extend(["--erl".to_string(), format!("-args_file {file}")]);
     args.extend(["--remsh".to_string(), n.target.to_string()]);
     args.extend(n.extra.iter().cloned());
-    Ok(NodeCommand { program: "iex".into(), args, env: env_of(n) })
+    NodeCommand { program: "iex".into(), args, env: env_of(n) }
 }
 
-/// `erl NAME -hidden -args_file F -noshell -eval EXPR EXTRA…`: a hidden node that runs `eval`
+/// `erl NAME -hidden -noshell -eval EXPR EXTRA…`: a hidden node that runs `eval`
 /// (for observer, or a script that calls the target). The expression must connect to the
 /// target itself (`net_kernel:connect_node/1`: with a dynamic name the first `net_adm:ping`
 /// answers `pang`).
 pub fn eval_node(n: &LocalNode, eval: &str) -> NodeCommand {
     let mut args = vec![name_flag(n.mode).to_string(), erl_name(n), "-hidden".into()];
-    args.extend(["-args_file".to_string(), n.cookie_args_file.display().to_string()]);
     args.extend(["-noshell".to_string(), "-eval".to_string(), eval.to_string()]);
     args.extend(n.extra.iter().cloned());
     NodeCommand { program: "erl".into(), args, env: env_of(n) }
@@ -309,11 +300,16 @@ mod tests {
         assert!(matches!(e, NamesError::OtpVersionUnknown(_)));
     }
 
+    fn cookie_env() -> &'static [(String, String)] {
+        static ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+        ENV.get_or_init(|| vec![("HOME".to_string(), "/tmp/beamredir-cookie-ab".to_string())])
+    }
+
     fn node<'a>(mode: NameMode, otp: u32, extra: &'a [String]) -> LocalNode<'a> {
         LocalNode {
             target: "app@10.244.0.5",
             mode,
-            cookie_args_file: Path::new("/run/user/1000/beamredir-cookie-ab/cookie.args"),
+            cookie_env: cookie_env(),
             inetrc: Some(Path::new("/var/lib/beamredir/s.inetrc")),
             extra,
             otp: OtpVersion { major: otp, minor: 0, patch: 0 },
@@ -326,29 +322,29 @@ mod tests {
         let c = erl_remsh(&node(NameMode::Long, 25, &extra));
         assert_eq!(
             c.args,
+            ["-name", "undefined@127.0.0.1", "-hidden", "-remsh", "app@10.244.0.5", "-kernel", "shell_history", "enabled"]
+        );
+        assert_eq!(
+            c.env,
             [
-                "-name", "undefined@127.0.0.1", "-hidden", "-args_file", "/run/user/1000/beamredir-cookie-ab/cookie.args",
-                "-remsh", "app@10.244.0.5", "-kernel", "shell_history", "enabled"
+                ("HOME".to_string(), "/tmp/beamredir-cookie-ab".to_string()),
+                ("ERL_INETRC".to_string(), "/var/lib/beamredir/s.inetrc".to_string())
             ]
         );
-        assert_eq!(c.env, [("ERL_INETRC".to_string(), "/var/lib/beamredir/s.inetrc".to_string())]);
         let c = erl_remsh(&node(NameMode::Short, 25, &[]));
         assert_eq!(&c.args[..2], ["-sname", "undefined@localhost"]);
         // OTP 22: a unique static name instead.
         let c = erl_remsh(&node(NameMode::Short, 22, &[]));
         assert!(c.args[1].starts_with("beamredir_") && c.args[1].ends_with("@localhost"), "{:?}", c.args);
-        let c = iex_remsh(&node(NameMode::Long, 25, &[])).unwrap();
+        let c = iex_remsh(&node(NameMode::Long, 25, &[]));
         assert_eq!(c.program, "iex");
         assert_eq!(c.args[0], "--name");
         assert!(c.args[1].starts_with("beamredir_") && c.args[1].ends_with("@127.0.0.1"));
-        assert_eq!(&c.args[2..], ["--hidden", "--erl", "-args_file /run/user/1000/beamredir-cookie-ab/cookie.args", "--remsh", "app@10.244.0.5"]);
-        let mut n = node(NameMode::Long, 25, &[]);
-        n.cookie_args_file = Path::new("/tmp/my dir/cookie.args");
-        assert!(matches!(iex_remsh(&n), Err(NamesError::UnsafePath(_))));
+        assert_eq!(&c.args[2..], ["--hidden", "--remsh", "app@10.244.0.5"]);
         let c = eval_node(&node(NameMode::Long, 25, &[]), "observer:start()");
-        assert_eq!(&c.args[5..], ["-noshell", "-eval", "observer:start()"]);
-        // No argv ever carries a cookie: only the args file's path.
-        assert!(!c.args.iter().any(|a| a.contains("setcookie") || a.contains("--cookie")));
+        assert_eq!(&c.args[3..], ["-noshell", "-eval", "observer:start()"]);
+        // No argv ever carries a cookie: it is in the private HOME.
+        assert!(!c.args.iter().any(|a| a.contains("cookie")));
     }
 
     proptest! {
