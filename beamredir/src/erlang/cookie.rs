@@ -304,6 +304,12 @@ struct PodEnv<'a, K> {
     cache: HashMap<(String, usize), Option<(String, ValueOrigin)>>,
 }
 
+/// A value and its origin, if the variable is defined.
+type Found = Option<(String, ValueOrigin)>;
+
+/// A boxed look-up (values refer to earlier ones, so look-ups recurse).
+type BoxedLookup<'s> = std::pin::Pin<Box<dyn Future<Output = Result<Found, CookieError>> + Send + 's>>;
+
 /// Most nested `$(VAR)` look-ups one value may cause (each goes to an earlier entry, so this
 /// only bounds pathological specs).
 const MAX_LOOKUPS: usize = 1000;
@@ -333,7 +339,7 @@ impl<'a, K: KubeReads> PodEnv<'a, K> {
         name: &'s str,
         before: usize,
         budget: &'s mut usize,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<(String, ValueOrigin)>, CookieError>> + Send + 's>> {
+    ) -> BoxedLookup<'s> {
         Box::pin(async move {
             let key = (name.to_string(), before);
             if let Some(v) = self.cache.get(&key) {
@@ -346,7 +352,7 @@ impl<'a, K: KubeReads> PodEnv<'a, K> {
             let end = before.min(self.env.len());
             let found = match self.env[..end].iter().rposition(|e| e.name == name) {
                 Some(i) => self.entry_value(i, budget).await?,
-                None => self.from_env_from(name).await?,
+                None => self.lookup_env_from(name).await?,
             };
             self.cache.insert(key, found.clone());
             Ok(found)
@@ -417,7 +423,7 @@ impl<'a, K: KubeReads> PodEnv<'a, K> {
 
     /// `name` from the `envFrom` sources: the last source whose prefix fits and that has the
     /// key wins. Keys are not expanded, as with the kubelet.
-    async fn from_env_from(&mut self, name: &str) -> Result<Option<(String, ValueOrigin)>, CookieError> {
+    async fn lookup_env_from(&mut self, name: &str) -> Result<Option<(String, ValueOrigin)>, CookieError> {
         for src in self.env_from.iter().rev() {
             let prefix = src.prefix.as_deref().unwrap_or("");
             let Some(key) = name.strip_prefix(prefix).filter(|k| !k.is_empty()) else { continue };
