@@ -236,13 +236,21 @@ pub enum PodRuntime {
     Elixir,
 }
 
+/// How the pod's node names itself: `-name app@IP`, or `-sname app@HOST` with a host name
+/// that an inetrc file in the pod's home maps to the pod IP (as a StatefulSet pod's hostname).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodNames {
+    Long,
+    Short,
+}
+
 /// A "pod": its own namespace and IP, running a real Erlang node `app@IP` (and its epmd).
 pub struct Pod {
     pub ip: Ipv4Addr,
     pub dist_port: u16,
     pub node: String,
-    _erl: Proc,
-    _home: TempDir,
+    erl: Proc,
+    home: TempDir,
     pub ns: Netns,
 }
 
@@ -253,33 +261,52 @@ impl Pod {
     }
 
     pub fn start(ip: Ipv4Addr, dist_port: u16, runtime: PodRuntime) -> Result<Self> {
+        Self::start_named(ip, dist_port, runtime, PodNames::Long, &[])
+    }
+
+    /// Starts the pod's node in a name mode, with extra `erl` flags (for elixir: `--erl` flags).
+    /// Its stdout and stderr go to [`Pod::log`].
+    pub fn start_named(ip: Ipv4Addr, dist_port: u16, runtime: PodRuntime, names: PodNames, extra: &[&str]) -> Result<Self> {
         let ns = Netns::new("brpod")?;
         ns.add_address(ip)?;
         let home = TempDir::new("brpod-home")?;
-        let node = format!("app@{ip}");
+        let (flag, node) = match names {
+            PodNames::Long => ("name", format!("app@{ip}")),
+            PodNames::Short => ("sname", format!("app@{}", ns.name())),
+        };
+        let inetrc = home.path().join("inetrc");
+        let [a, b, c, d] = ip.octets();
+        std::fs::write(&inetrc, format!("{{host, {{{a},{b},{c},{d}}}, [\"{}\"]}}.\n{{lookup, [file, native]}}.\n", ns.name()))?;
         let port = dist_port.to_string();
         let mut cmd = match runtime {
             PodRuntime::Erlang => {
                 let mut cmd = ns.command("erl");
-                cmd.args(["-name", &node, "-setcookie", COOKIE, "-noinput", "-noshell"])
-                    .args(["-kernel", "inet_dist_listen_min", &port, "inet_dist_listen_max", &port]);
+                cmd.args([&format!("-{flag}"), &node, "-setcookie", COOKIE, "-noinput", "-noshell"])
+                    .args(["-kernel", "inet_dist_listen_min", &port, "inet_dist_listen_max", &port])
+                    .args(extra);
                 cmd
             }
             PodRuntime::Elixir => {
                 let mut cmd = ns.command("elixir");
-                let erl_flags = format!("-kernel inet_dist_listen_min {port} inet_dist_listen_max {port}");
-                cmd.args(["--name", &node, "--cookie", COOKIE, "--erl", &erl_flags, "--no-halt", "-e", ":ok"]);
+                let mut erl_flags = format!("-kernel inet_dist_listen_min {port} inet_dist_listen_max {port}");
+                for e in extra {
+                    erl_flags.push(' ');
+                    erl_flags.push_str(e);
+                }
+                cmd.args([&format!("--{flag}"), &node, "--cookie", COOKIE, "--erl", &erl_flags, "--no-halt", "-e", ":ok"]);
                 cmd
             }
         };
+        let log = File::create(home.path().join("node.log"))?;
         let erl = cmd
             .env("HOME", home.path())
+            .env("ERL_INETRC", &inetrc)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .spawn()
             .context("starting erl in the pod namespace (is erlang-base installed? run scripts/setup.sh)")?;
-        let pod = Pod { ip, dist_port, node, _erl: Proc(erl), _home: home, ns };
+        let pod = Pod { ip, dist_port, node, erl: Proc(erl), home, ns };
         // Ready when epmd knows the node and the distribution port accepts connections.
         wait_until(&format!("{} to register with its epmd", pod.node), Duration::from_secs(30), || {
             pod.ns
@@ -290,6 +317,21 @@ impl Pod {
                 .unwrap_or(false)
         })?;
         Ok(pod)
+    }
+
+    /// What the node wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// The inetrc that maps the pod's host name to its IP (for `-sname` nodes).
+    pub fn inetrc(&self) -> PathBuf {
+        self.home.path().join("inetrc")
+    }
+
+    /// The pid of the node's process (nsenter execs erl, which execs the emulator).
+    pub fn pid(&self) -> u32 {
+        self.erl.0.id()
     }
 }
 

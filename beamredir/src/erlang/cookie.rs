@@ -1,0 +1,831 @@
+//! The cookie: where it comes from, and how it reaches a local `erl` without ever being in argv.
+//!
+//! Resolution order ([`resolve`]):
+//! 1. `--cookie-file PATH` (first line, surrounding whitespace trimmed, like `~/.erlang.cookie`);
+//! 2. the invoking user's `ERLANG_COOKIE`, then `RELEASE_COOKIE`;
+//! 3. the pod spec of the chosen container, as the kubelet builds the environment: `envFrom`
+//!    sources in order (with their `prefix`), then `env` entries in order (later wins), `$(VAR)`
+//!    expansion of `value`s against what is defined before them; values from
+//!    `secretKeyRef`/`configMapKeyRef` and `envFrom` are read through [`KubeReads`].
+//!    `RELEASE_COOKIE` (mix release), `RELX_COOKIE` (relx), `ERLANG_COOKIE`, then
+//!    `-setcookie X` / `--cookie X` in the expanded command and args (also inside `sh -c "…"`)
+//!    and in `ERL_FLAGS`/`ERL_AFLAGS`/`ERL_ZFLAGS`/`ELIXIR_ERL_OPTIONS`.
+//!
+//! A [`Cookie`] never shows its value in `Debug` or `Display`. [`CookieFile`] hands it to a
+//! local node as `.erlang.cookie` in a private home directory (0700, owned by the user who runs
+//! the node; the file 0400, created with `O_EXCL|O_NOFOLLOW`; both removed on drop): the node
+//! runs with `HOME` pointing there. Not an `-args_file`: erlexec expands an args file into the
+//! emulator's own argv, so `-setcookie` from it shows in `/proc/PID/cmdline` of `beam.smp`
+//! (checked on OTP 25.2). `auth` reads `$HOME/.erlang.cookie` when no `-setcookie` is given.
+use std::{
+    collections::HashMap,
+    fmt,
+    fs::{self, DirBuilder, File, OpenOptions},
+    future::Future,
+    io::{Read, Write},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::core::v1::{Container, EnvFromSource, EnvVar, Pod};
+use thiserror::Error;
+
+/// Longest cookie accepted: a cookie is an atom, and atoms hold at most 255 characters.
+pub const MAX_COOKIE_LEN: usize = 255;
+
+/// The environment variables a pod's cookie is looked up in, in this order.
+pub const POD_COOKIE_VARS: [&str; 3] = ["RELEASE_COOKIE", "RELX_COOKIE", "ERLANG_COOKIE"];
+
+/// The invoking user's environment variables, in this order.
+pub const USER_COOKIE_VARS: [&str; 2] = ["ERLANG_COOKIE", "RELEASE_COOKIE"];
+
+/// Environment variables whose text erl or elixir read as extra flags.
+const FLAG_VARS: [&str; 4] = ["ERL_FLAGS", "ERL_AFLAGS", "ERL_ZFLAGS", "ELIXIR_ERL_OPTIONS"];
+
+/// An Erlang cookie. Its value shows nowhere except through [`Cookie::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Cookie(String);
+
+impl Cookie {
+    /// Checks a cookie: 1 to 255 printable ASCII characters (space included). Erlang digests a
+    /// cookie as Latin-1 and erl decodes argv by locale, so anything else could differ between
+    /// the local node and the pod; such a cookie is refused rather than silently mismatched.
+    pub fn new(value: &str) -> Result<Cookie, CookieError> {
+        if value.is_empty() {
+            return Err(CookieError::Invalid("it is empty".into()));
+        }
+        if value.len() > MAX_COOKIE_LEN {
+            return Err(CookieError::Invalid(format!("it is {} characters long; Erlang allows {MAX_COOKIE_LEN}", value.len())));
+        }
+        if let Some(c) = value.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
+            let what = if c.is_ascii_control() { "a control character".to_string() } else { format!("the non-ASCII character {c:?}") };
+            return Err(CookieError::Invalid(format!(
+                "it contains {what}; beamredir passes only printable ASCII cookies, which erl reads the same in every locale"
+            )));
+        }
+        Ok(Cookie(value.to_string()))
+    }
+
+    /// The value, for the places it must go (a digest, an args file).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+}
+
+impl fmt::Debug for Cookie {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Cookie(<{} characters, hidden>)", self.0.len())
+    }
+}
+
+impl fmt::Display for Cookie {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<cookie hidden>")
+    }
+}
+
+/// Where a cookie was found (shown to the user; never the value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CookieSource {
+    File(PathBuf),
+    UserEnv(&'static str),
+    /// A pod's environment variable, with where its value came from.
+    PodEnv { container: String, var: String, from: ValueOrigin },
+    /// `-setcookie`/`--cookie` in the container's command, args or flag variables.
+    PodArgs { container: String, flag: &'static str },
+}
+
+/// Where a pod environment variable's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueOrigin {
+    Literal,
+    Secret { name: String, key: String },
+    ConfigMap { name: String, key: String },
+}
+
+impl fmt::Display for CookieSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CookieSource::File(p) => write!(f, "file {}", p.display()),
+            CookieSource::UserEnv(v) => write!(f, "your environment variable {v}"),
+            CookieSource::PodEnv { container, var, from } => {
+                write!(f, "{var} of container {container}")?;
+                match from {
+                    ValueOrigin::Literal => Ok(()),
+                    ValueOrigin::Secret { name, key } => write!(f, " (Secret {name}, key {key})"),
+                    ValueOrigin::ConfigMap { name, key } => write!(f, " (ConfigMap {name}, key {key})"),
+                }
+            }
+            CookieSource::PodArgs { container, flag } => write!(f, "{flag} in the command of container {container}"),
+        }
+    }
+}
+
+/// A cookie and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub cookie: Cookie,
+    pub source: CookieSource,
+}
+
+/// What a Kubernetes read can fail with. The implementation (kube) maps 403 to `Forbidden`,
+/// a missing object to `ObjectNotFound`, a missing key in `data`/`binaryData` to `KeyNotFound`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum KubeReadError {
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("not found")]
+    ObjectNotFound,
+    #[error("no such key")]
+    KeyNotFound,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The two Kubernetes reads cookie resolution needs. Values are the decoded text.
+pub trait KubeReads: Sync {
+    fn get_secret_key(&self, ns: &str, name: &str, key: &str) -> impl Future<Output = Result<String, KubeReadError>> + Send;
+    fn get_configmap_key(&self, ns: &str, name: &str, key: &str) -> impl Future<Output = Result<String, KubeReadError>> + Send;
+}
+
+/// A [`KubeReads`] that reads nothing (every object is missing): for callers without API access.
+pub struct NoKube;
+
+impl KubeReads for NoKube {
+    async fn get_secret_key(&self, _: &str, _: &str, _: &str) -> Result<String, KubeReadError> {
+        Err(KubeReadError::ObjectNotFound)
+    }
+    async fn get_configmap_key(&self, _: &str, _: &str, _: &str) -> Result<String, KubeReadError> {
+        Err(KubeReadError::ObjectNotFound)
+    }
+}
+
+/// Why no cookie could be had. One line each: what was wrong, what to do.
+#[derive(Debug, Error)]
+pub enum CookieError {
+    #[error("the cookie is unusable: {0}")]
+    Invalid(String),
+    #[error("cannot read the cookie file {path}: {error}")]
+    File { path: PathBuf, error: std::io::Error },
+    #[error("the cookie file {0} is empty; put the cookie on its first line")]
+    EmptyFile(PathBuf),
+    #[error(
+        "cannot read Secret {name} in namespace {namespace} (forbidden), which holds the cookie; a Role in {namespace} with \
+         `apiGroups: [\"\"], resources: [\"secrets\"], verbs: [\"get\"], resourceNames: [\"{name}\"]` allows it, or pass --cookie-file"
+    )]
+    SecretForbidden { namespace: String, name: String },
+    #[error(
+        "cannot read ConfigMap {name} in namespace {namespace} (forbidden), which holds the cookie; a Role in {namespace} with \
+         `apiGroups: [\"\"], resources: [\"configmaps\"], verbs: [\"get\"], resourceNames: [\"{name}\"]` allows it, or pass --cookie-file"
+    )]
+    ConfigMapForbidden { namespace: String, name: String },
+    #[error("the pod takes its cookie from {kind} {name} in namespace {namespace}, which does not exist (any more); pass --cookie-file")]
+    ObjectMissing { kind: &'static str, namespace: String, name: String },
+    #[error("the pod takes its cookie from key {key} of {kind} {name} in namespace {namespace}, which has no such key; pass --cookie-file")]
+    KeyMissing { kind: &'static str, namespace: String, name: String, key: String },
+    #[error("reading {kind} {name} in namespace {namespace} failed: {message}")]
+    Api { kind: &'static str, namespace: String, name: String, message: String },
+    #[error("the pod has no container named {wanted:?} (it has: {have})")]
+    NoSuchContainer { wanted: String, have: String },
+    #[error(
+        "no cookie found: pass --cookie-file FILE or set ERLANG_COOKIE; container {container} sets none of RELEASE_COOKIE, \
+         RELX_COOKIE, ERLANG_COOKIE, -setcookie or --cookie (a release may read it from a file in its image)"
+    )]
+    NotFound { container: String },
+    #[error("no cookie found: pass --cookie-file FILE or set ERLANG_COOKIE")]
+    NotGiven,
+    #[error("cannot write the cookie args file: {0}")]
+    Write(std::io::Error),
+}
+
+/// Where to look, in order. `env` is the invoking user's environment.
+pub struct Lookup<'a, K> {
+    pub cookie_file: Option<&'a Path>,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// The pod and, optionally, the container to read (default: the
+    /// `kubectl.kubernetes.io/default-container` annotation, else the first container).
+    pub pod: Option<(&'a Pod, Option<&'a str>)>,
+    pub kube: &'a K,
+}
+
+/// Finds the cookie (see the module documentation for the order).
+pub async fn resolve<K: KubeReads>(lookup: Lookup<'_, K>) -> Result<Resolved, CookieError> {
+    if let Some(path) = lookup.cookie_file {
+        return Ok(Resolved { cookie: read_cookie_file(path)?, source: CookieSource::File(path.to_path_buf()) });
+    }
+    for var in USER_COOKIE_VARS {
+        if let Some(v) = (lookup.env)(var).filter(|v| !v.is_empty()) {
+            return Ok(Resolved { cookie: Cookie::new(v.trim())?, source: CookieSource::UserEnv(var) });
+        }
+    }
+    let Some((pod, container)) = lookup.pod else {
+        return Err(CookieError::NotGiven);
+    };
+    from_pod(pod, container, lookup.kube).await
+}
+
+/// Reads a cookie file: at most 4 KiB, first line, whitespace trimmed.
+pub fn read_cookie_file(path: &Path) -> Result<Cookie, CookieError> {
+    let err = |error| CookieError::File { path: path.to_path_buf(), error };
+    let mut text = Vec::new();
+    File::open(path).map_err(err)?.take(4096).read_to_end(&mut text).map_err(err)?;
+    let text = String::from_utf8_lossy(&text);
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty());
+    match line {
+        Some(line) => Cookie::new(line),
+        None => Err(CookieError::EmptyFile(path.to_path_buf())),
+    }
+}
+
+/// The container cookie resolution reads: by name, else the default-container annotation, else
+/// the first one.
+pub fn choose_container<'a>(pod: &'a Pod, wanted: Option<&str>) -> Result<&'a Container, CookieError> {
+    let containers: &[Container] = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or(&[]);
+    let annotated = pod.metadata.annotations.as_ref().and_then(|a| a.get("kubectl.kubernetes.io/default-container"));
+    let want = wanted.or(annotated.map(String::as_str));
+    let found = match want {
+        Some(name) => containers.iter().find(|c| c.name == name),
+        None => containers.first(),
+    };
+    found.ok_or_else(|| CookieError::NoSuchContainer {
+        wanted: want.unwrap_or("").to_string(),
+        have: containers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Finds the cookie in a pod's spec.
+pub async fn from_pod<K: KubeReads>(pod: &Pod, container: Option<&str>, kube: &K) -> Result<Resolved, CookieError> {
+    let c = choose_container(pod, container)?;
+    let mut env = PodEnv::new(pod, c, kube);
+    for var in POD_COOKIE_VARS {
+        if let Some((value, from)) = env.get(var, usize::MAX).await? {
+            if !value.is_empty() {
+                let source = CookieSource::PodEnv { container: c.name.clone(), var: var.to_string(), from };
+                return Ok(Resolved { cookie: Cookie::new(value.trim())?, source });
+            }
+        }
+    }
+    // The command line after expansion, then the flag variables.
+    let mut words: Vec<String> = Vec::new();
+    for arg in c.command.iter().flatten().chain(c.args.iter().flatten()) {
+        words.extend(env.expand(arg, usize::MAX).await?.split_whitespace().map(str::to_string));
+    }
+    for var in FLAG_VARS {
+        if let Some((value, _)) = env.get(var, usize::MAX).await? {
+            words.extend(value.split_whitespace().map(str::to_string));
+        }
+    }
+    for pair in words.windows(2) {
+        let flag = match pair[0].as_str() {
+            "-setcookie" => "-setcookie",
+            "--cookie" => "--cookie",
+            _ => continue,
+        };
+        let value = pair[1].trim_matches(|c| c == '"' || c == '\'');
+        // An unexpanded $(VAR) or a shell $VAR is not a cookie.
+        if value.is_empty() || value.starts_with('$') {
+            continue;
+        }
+        return Ok(Resolved { cookie: Cookie::new(value)?, source: CookieSource::PodArgs { container: c.name.clone(), flag } });
+    }
+    Err(CookieError::NotFound { container: c.name.clone() })
+}
+
+/// A container's environment as the kubelet builds it, evaluated lazily (only the variables
+/// asked for are read, so no Secret is read unless it may hold the cookie).
+struct PodEnv<'a, K> {
+    pod: &'a Pod,
+    namespace: String,
+    env: &'a [EnvVar],
+    env_from: &'a [EnvFromSource],
+    kube: &'a K,
+    /// (name, before-index) -> value
+    cache: HashMap<(String, usize), Option<(String, ValueOrigin)>>,
+}
+
+/// A value and its origin, if the variable is defined.
+type Found = Option<(String, ValueOrigin)>;
+
+/// A boxed look-up (values refer to earlier ones, so look-ups recurse).
+type BoxedLookup<'s> = std::pin::Pin<Box<dyn Future<Output = Result<Found, CookieError>> + Send + 's>>;
+
+/// Most nested `$(VAR)` look-ups one value may cause (each goes to an earlier entry, so this
+/// only bounds pathological specs).
+const MAX_LOOKUPS: usize = 1000;
+
+impl<'a, K: KubeReads> PodEnv<'a, K> {
+    fn new(pod: &'a Pod, c: &'a Container, kube: &'a K) -> Self {
+        PodEnv {
+            pod,
+            namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            env: c.env.as_deref().unwrap_or(&[]),
+            env_from: c.env_from.as_deref().unwrap_or(&[]),
+            kube,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The value of `name` as seen by env entry number `before` (`usize::MAX`: the final
+    /// environment): the last env entry before it with that name, else the last `envFrom`
+    /// source that has it.
+    async fn get(&mut self, name: &str, before: usize) -> Result<Option<(String, ValueOrigin)>, CookieError> {
+        let mut budget = MAX_LOOKUPS;
+        self.get_bounded(name, before, &mut budget).await
+    }
+
+    fn get_bounded<'s>(
+        &'s mut self,
+        name: &'s str,
+        before: usize,
+        budget: &'s mut usize,
+    ) -> BoxedLookup<'s> {
+        Box::pin(async move {
+            let key = (name.to_string(), before);
+            if let Some(v) = self.cache.get(&key) {
+                return Ok(v.clone());
+            }
+            if *budget == 0 {
+                return Ok(None);
+            }
+            *budget -= 1;
+            let end = before.min(self.env.len());
+            let found = match self.env[..end].iter().rposition(|e| e.name == name) {
+                Some(i) => self.entry_value(i, budget).await?,
+                None => self.lookup_env_from(name).await?,
+            };
+            self.cache.insert(key, found.clone());
+            Ok(found)
+        })
+    }
+
+    async fn entry_value(&mut self, i: usize, budget: &mut usize) -> Result<Option<(String, ValueOrigin)>, CookieError>
+    {
+        let e = &self.env[i];
+        if let Some(v) = &e.value {
+            let v = v.clone();
+            return Ok(Some((self.expand_bounded(&v, i, budget).await?, ValueOrigin::Literal)));
+        }
+        let Some(from) = &e.value_from else { return Ok(Some((String::new(), ValueOrigin::Literal))) };
+        if let Some(s) = &from.secret_key_ref {
+            let got = self.kube.get_secret_key(&self.namespace, &s.name, &s.key).await;
+            return self.referenced("Secret", &s.name, &s.key, s.optional.unwrap_or(false), got);
+        }
+        if let Some(m) = &from.config_map_key_ref {
+            let got = self.kube.get_configmap_key(&self.namespace, &m.name, &m.key).await;
+            return self.referenced("ConfigMap", &m.name, &m.key, m.optional.unwrap_or(false), got);
+        }
+        if let Some(f) = &from.field_ref {
+            let v = match f.field_path.as_str() {
+                "metadata.name" => self.pod.metadata.name.clone(),
+                "metadata.namespace" => Some(self.namespace.clone()),
+                "status.podIP" => self.pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
+                "spec.nodeName" => self.pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                "spec.serviceAccountName" => self.pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
+                _ => None,
+            };
+            return Ok(v.map(|v| (v, ValueOrigin::Literal)));
+        }
+        Ok(None)
+    }
+
+    fn referenced(
+        &self,
+        kind: &'static str,
+        name: &str,
+        key: &str,
+        optional: bool,
+        got: Result<String, KubeReadError>,
+    ) -> Result<Option<(String, ValueOrigin)>, CookieError> {
+        let origin = || match kind {
+            "Secret" => ValueOrigin::Secret { name: name.into(), key: key.into() },
+            _ => ValueOrigin::ConfigMap { name: name.into(), key: key.into() },
+        };
+        match got {
+            Ok(v) => Ok(Some((v, origin()))),
+            Err(KubeReadError::ObjectNotFound | KubeReadError::KeyNotFound) if optional => Ok(None),
+            Err(e) => Err(self.read_error(kind, name, Some(key), e)),
+        }
+    }
+
+    fn read_error(&self, kind: &'static str, name: &str, key: Option<&str>, e: KubeReadError) -> CookieError {
+        let (namespace, name) = (self.namespace.clone(), name.to_string());
+        match (e, kind) {
+            (KubeReadError::Forbidden(_), "Secret") => CookieError::SecretForbidden { namespace, name },
+            (KubeReadError::Forbidden(_), _) => CookieError::ConfigMapForbidden { namespace, name },
+            (KubeReadError::ObjectNotFound, _) => CookieError::ObjectMissing { kind, namespace, name },
+            (KubeReadError::KeyNotFound, _) => {
+                CookieError::KeyMissing { kind, namespace, name, key: key.unwrap_or_default().to_string() }
+            }
+            (KubeReadError::Other(message), _) => CookieError::Api { kind, namespace, name, message },
+        }
+    }
+
+    /// `name` from the `envFrom` sources: the last source whose prefix fits and that has the
+    /// key wins. Keys are not expanded, as with the kubelet.
+    async fn lookup_env_from(&mut self, name: &str) -> Result<Option<(String, ValueOrigin)>, CookieError> {
+        for src in self.env_from.iter().rev() {
+            let prefix = src.prefix.as_deref().unwrap_or("");
+            let Some(key) = name.strip_prefix(prefix).filter(|k| !k.is_empty()) else { continue };
+            let (kind, obj, optional) = if let Some(s) = &src.secret_ref {
+                ("Secret", s.name.as_str(), s.optional.unwrap_or(false))
+            } else if let Some(m) = &src.config_map_ref {
+                ("ConfigMap", m.name.as_str(), m.optional.unwrap_or(false))
+            } else {
+                continue;
+            };
+            let got = match kind {
+                "Secret" => self.kube.get_secret_key(&self.namespace, obj, key).await,
+                _ => self.kube.get_configmap_key(&self.namespace, obj, key).await,
+            };
+            match got {
+                Ok(v) => {
+                    let origin = if kind == "Secret" {
+                        ValueOrigin::Secret { name: obj.into(), key: key.into() }
+                    } else {
+                        ValueOrigin::ConfigMap { name: obj.into(), key: key.into() }
+                    };
+                    return Ok(Some((v, origin)));
+                }
+                Err(KubeReadError::KeyNotFound) => continue,
+                Err(KubeReadError::ObjectNotFound) if optional => continue,
+                Err(e) => return Err(self.read_error(kind, obj, None, e)),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn expand(&mut self, s: &str, before: usize) -> Result<String, CookieError>
+    {
+        let mut budget = MAX_LOOKUPS;
+        self.expand_bounded(s, before, &mut budget).await
+    }
+
+    /// Kubernetes `$(VAR)` expansion: `$$` is `$`, an unknown `$(VAR)` stays as written.
+    async fn expand_bounded(&mut self, s: &str, before: usize, budget: &mut usize) -> Result<String, CookieError>
+    {
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(stripped) = after.strip_prefix('$') {
+                out.push('$');
+                rest = stripped;
+            } else if let Some(end) = after.strip_prefix('(').and_then(|a| a.find(')')) {
+                let name = &after[1..=end];
+                match self.get_bounded(name, before, budget).await? {
+                    Some((v, _)) => out.push_str(&v),
+                    None => out.push_str(&rest[i..i + end + 3]),
+                }
+                rest = &after[end + 2..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
+/// The user a local node runs as: the cookie home and file are given to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Start-up files of the user's real home the local node still reads (linked into the private
+/// home): Erlang's `.erlang` and IEx's `.iex.exs`.
+const LINKED_DOTFILES: [&str; 2] = [".erlang", ".iex.exs"];
+
+/// A private home directory holding `.erlang.cookie`, removed on drop. Run the local node with
+/// [`CookieFile::env`] (`HOME` and the XDG directories of the real home, so shell history and
+/// `~/.config/erlang` stay the user's).
+#[derive(Debug)]
+pub struct CookieFile {
+    dir: PathBuf,
+    path: PathBuf,
+    real_home: Option<PathBuf>,
+}
+
+impl CookieFile {
+    /// Creates a fresh 0700 directory under `parent` with the 0400 `.erlang.cookie`, both owned
+    /// by `owner` when given (root preparing them for the sudo user), else by the caller.
+    /// `real_home` is the user's own home, whose dotfiles and XDG directories stay in use.
+    pub fn create(cookie: &Cookie, parent: &Path, owner: Option<Owner>, real_home: Option<&Path>) -> Result<CookieFile, CookieError> {
+        let dir = private_dir(parent).map_err(CookieError::Write)?;
+        let path = dir.join(".erlang.cookie");
+        let file = CookieFile { dir, path, real_home: real_home.map(Path::to_path_buf) };
+        file.write(cookie, owner).map_err(CookieError::Write)?;
+        Ok(file)
+    }
+
+    fn write(&self, cookie: &Cookie, owner: Option<Owner>) -> std::io::Result<()> {
+        if let Some(o) = owner {
+            std::os::unix::fs::chown(&self.dir, Some(o.uid), Some(o.gid))?;
+        }
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.path)?;
+        if let Some(o) = owner {
+            std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid))?;
+        }
+        f.write_all(cookie.expose().as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        if let Some(real) = &self.real_home {
+            for name in LINKED_DOTFILES {
+                let target = real.join(name);
+                if target.is_file() {
+                    std::os::unix::fs::symlink(&target, self.dir.join(name))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The cookie file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The private home directory.
+    pub fn home(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Environment for the local node: `HOME` here, and (unless already set) the XDG config,
+    /// cache and data directories of the real home.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![("HOME".to_string(), self.dir.display().to_string())];
+        if let Some(real) = &self.real_home {
+            for (var, default) in [("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"), ("XDG_DATA_HOME", ".local/share")] {
+                if std::env::var_os(var).is_none() {
+                    env.push((var.to_string(), real.join(default).display().to_string()));
+                }
+            }
+        }
+        env
+    }
+}
+
+impl Drop for CookieFile {
+    fn drop(&mut self) {
+        for name in LINKED_DOTFILES {
+            let _ = fs::remove_file(self.dir.join(name));
+        }
+        let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// `parent/beamredir-cookie-RANDOM`, created with mode 0700 (fails rather than reuse anything).
+fn private_dir(parent: &Path) -> std::io::Result<PathBuf> {
+    for _ in 0..16 {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = parent.join(format!("beamredir-cookie-{name}"));
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {
+                // The umask can only remove bits; make sure of 0700 anyway.
+                fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+                return Ok(dir);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("could not create a private directory"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{os::unix::fs::PermissionsExt, sync::Mutex};
+
+    /// Secrets and ConfigMaps in memory; records every read.
+    #[derive(Default)]
+    struct FakeKube {
+        objects: HashMap<(String, String), Option<HashMap<String, String>>>,
+        reads: Mutex<Vec<String>>,
+    }
+
+    impl FakeKube {
+        fn with(mut self, kind: &str, name: &str, data: &[(&str, &str)]) -> Self {
+            let map = data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            self.objects.insert((kind.into(), name.into()), Some(map));
+            self
+        }
+        fn forbidden(mut self, kind: &str, name: &str) -> Self {
+            self.objects.insert((kind.into(), name.into()), None);
+            self
+        }
+        fn read(&self, kind: &str, name: &str, key: &str) -> Result<String, KubeReadError> {
+            self.reads.lock().unwrap().push(format!("{kind}/{name}/{key}"));
+            match self.objects.get(&(kind.to_string(), name.to_string())) {
+                None => Err(KubeReadError::ObjectNotFound),
+                Some(None) => Err(KubeReadError::Forbidden("no".into())),
+                Some(Some(m)) => m.get(key).cloned().ok_or(KubeReadError::KeyNotFound),
+            }
+        }
+    }
+
+    impl KubeReads for FakeKube {
+        async fn get_secret_key(&self, _ns: &str, name: &str, key: &str) -> Result<String, KubeReadError> {
+            self.read("Secret", name, key)
+        }
+        async fn get_configmap_key(&self, _ns: &str, name: &str, key: &str) -> Result<String, KubeReadError> {
+            self.read("ConfigMap", name, key)
+        }
+    }
+
+    fn pod(containers: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "app-0", "namespace": "shop"},
+            "spec": {"containers": containers},
+            "status": {"podIP": "10.244.0.5"}
+        }))
+        .unwrap()
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    async fn from(p: &Pod, kube: &FakeKube) -> Result<Resolved, CookieError> {
+        resolve(Lookup { cookie_file: None, env: &no_env, pod: Some((p, None)), kube }).await
+    }
+
+    #[tokio::test]
+    async fn literal_env_and_expansion_in_order() {
+        let p = pod(serde_json::json!([{"name": "app", "env": [
+            {"name": "BASE", "value": "abc"},
+            {"name": "RELEASE_COOKIE", "value": "$(BASE)-$(LATER)-$$(BASE)"},
+            {"name": "LATER", "value": "zzz"}]}]));
+        let r = from(&p, &FakeKube::default()).await.unwrap();
+        // LATER is defined after RELEASE_COOKIE, so it stays unexpanded, as with the kubelet.
+        assert_eq!(r.cookie.expose(), "abc-$(LATER)-$(BASE)");
+        assert_eq!(r.source, CookieSource::PodEnv { container: "app".into(), var: "RELEASE_COOKIE".into(), from: ValueOrigin::Literal });
+    }
+
+    #[tokio::test]
+    async fn secret_key_ref_and_forbidden() {
+        let p = pod(serde_json::json!([{"name": "app", "env": [
+            {"name": "RELEASE_COOKIE", "valueFrom": {"secretKeyRef": {"name": "erlang", "key": "cookie"}}}]}]));
+        let kube = FakeKube::default().with("Secret", "erlang", &[("cookie", "s3cret")]);
+        let r = from(&p, &kube).await.unwrap();
+        assert_eq!(r.cookie.expose(), "s3cret");
+        assert_eq!(r.source.to_string(), "RELEASE_COOKIE of container app (Secret erlang, key cookie)");
+        let e = from(&p, &FakeKube::default().forbidden("Secret", "erlang")).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(r#"apiGroups: [""], resources: ["secrets"], verbs: ["get"], resourceNames: ["erlang"]"#), "{msg}");
+        assert!(msg.contains("namespace shop") && !msg.contains('\n'), "{msg}");
+        let e = from(&p, &FakeKube::default()).await.unwrap_err();
+        assert!(matches!(e, CookieError::ObjectMissing { kind: "Secret", .. }), "{e}");
+        let e = from(&p, &FakeKube::default().with("Secret", "erlang", &[])).await.unwrap_err();
+        assert!(matches!(e, CookieError::KeyMissing { ref key, .. } if key == "cookie"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn optional_refs_are_skipped() {
+        let p = pod(serde_json::json!([{"name": "app", "env": [
+            {"name": "RELEASE_COOKIE", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "c", "optional": true}}},
+            {"name": "ERLANG_COOKIE", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "k"}}}]}]));
+        let kube = FakeKube::default().with("ConfigMap", "cm", &[("k", "fromcm")]);
+        let r = from(&p, &kube).await.unwrap();
+        assert_eq!(r.cookie.expose(), "fromcm");
+    }
+
+    #[tokio::test]
+    async fn env_from_with_prefix_and_precedence() {
+        let p = pod(serde_json::json!([{"name": "app",
+            "envFrom": [
+                {"secretRef": {"name": "first"}},
+                {"prefix": "RELEASE_", "secretRef": {"name": "second"}},
+                {"configMapRef": {"name": "absent", "optional": true}}],
+            "env": [{"name": "UNRELATED", "value": "x"}]}]));
+        let kube = FakeKube::default()
+            .with("Secret", "first", &[("RELEASE_COOKIE", "one")])
+            .with("Secret", "second", &[("COOKIE", "two")]);
+        // The later source wins.
+        assert_eq!(from(&p, &kube).await.unwrap().cookie.expose(), "two");
+        // env entries win over envFrom.
+        let mut p2 = p.clone();
+        p2.spec.as_mut().unwrap().containers[0].env =
+            Some(vec![EnvVar { name: "RELEASE_COOKIE".into(), value: Some("three".into()), ..Default::default() }]);
+        assert_eq!(from(&p2, &kube).await.unwrap().cookie.expose(), "three");
+        // A forbidden envFrom Secret names the Role rule.
+        let e = from(&p, &FakeKube::default().forbidden("Secret", "second")).await.unwrap_err();
+        assert!(matches!(e, CookieError::SecretForbidden { ref name, .. } if name == "second"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn setcookie_in_args_after_expansion() {
+        let p = pod(serde_json::json!([{"name": "app",
+            "envFrom": [{"secretRef": {"name": "s"}}],
+            "command": ["sh", "-c", "exec erl -name app@$(POD_IP) -setcookie '$(MY_COOKIE)' -noshell"],
+            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]}]));
+        let kube = FakeKube::default().with("Secret", "s", &[("MY_COOKIE", "viaargs")]);
+        let r = from(&p, &kube).await.unwrap();
+        assert_eq!(r.cookie.expose(), "viaargs");
+        assert_eq!(r.source, CookieSource::PodArgs { container: "app".into(), flag: "-setcookie" });
+        let p = pod(serde_json::json!([{"name": "app", "args": ["--cookie", "elixir1"]}]));
+        assert_eq!(from(&p, &FakeKube::default()).await.unwrap().cookie.expose(), "elixir1");
+        let p = pod(serde_json::json!([{"name": "app", "env": [{"name": "ERL_FLAGS", "value": "+K true -setcookie fl4gs"}]}]));
+        assert_eq!(from(&p, &FakeKube::default()).await.unwrap().cookie.expose(), "fl4gs");
+        // A shell variable is not a cookie.
+        let p = pod(serde_json::json!([{"name": "app", "args": ["-setcookie", "$COOKIE"]}]));
+        assert!(matches!(from(&p, &FakeKube::default()).await, Err(CookieError::NotFound { .. })));
+    }
+
+    #[tokio::test]
+    async fn only_cookie_variables_are_read() {
+        let p = pod(serde_json::json!([{"name": "app", "env": [
+            {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}},
+            {"name": "RELEASE_COOKIE", "value": "c"}]}]));
+        let kube = FakeKube::default().with("Secret", "db", &[("pw", "x")]);
+        from(&p, &kube).await.unwrap();
+        assert!(kube.reads.lock().unwrap().is_empty(), "read {:?}", kube.reads.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn order_file_then_user_env_then_pod() {
+        let dir = tempdir();
+        let f = dir.join("c");
+        fs::write(&f, "\n  fromfile  \nsecond\n").unwrap();
+        let p = pod(serde_json::json!([{"name": "app", "env": [{"name": "RELEASE_COOKIE", "value": "frompod"}]}]));
+        let kube = FakeKube::default();
+        let env = |v: &str| (v == "RELEASE_COOKIE").then(|| "fromenv".to_string());
+        let r = resolve(Lookup { cookie_file: Some(&f), env: &env, pod: Some((&p, None)), kube: &kube }).await.unwrap();
+        assert_eq!((r.cookie.expose(), r.source), ("fromfile", CookieSource::File(f.clone())));
+        let r = resolve(Lookup { cookie_file: None, env: &env, pod: Some((&p, None)), kube: &kube }).await.unwrap();
+        assert_eq!((r.cookie.expose(), r.source), ("fromenv", CookieSource::UserEnv("RELEASE_COOKIE")));
+        let r = resolve(Lookup { cookie_file: None, env: &no_env, pod: Some((&p, None)), kube: &kube }).await.unwrap();
+        assert_eq!(r.cookie.expose(), "frompod");
+        assert!(matches!(
+            resolve(Lookup { cookie_file: None, env: &no_env, pod: None, kube: &kube }).await,
+            Err(CookieError::NotGiven)
+        ));
+        fs::write(&f, " \n").unwrap();
+        assert!(matches!(read_cookie_file(&f), Err(CookieError::EmptyFile(_))));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn container_choice() {
+        let mut p = pod(serde_json::json!([{"name": "sidecar"}, {"name": "app"}]));
+        assert_eq!(choose_container(&p, None).unwrap().name, "sidecar");
+        assert_eq!(choose_container(&p, Some("app")).unwrap().name, "app");
+        p.metadata.annotations = Some([("kubectl.kubernetes.io/default-container".to_string(), "app".to_string())].into());
+        assert_eq!(choose_container(&p, None).unwrap().name, "app");
+        let e = choose_container(&p, Some("nope")).unwrap_err().to_string();
+        assert!(e.contains("sidecar, app"), "{e}");
+    }
+
+    #[test]
+    fn cookie_never_shows_and_bad_cookies_are_refused() {
+        let c = Cookie::new("very-secret").unwrap();
+        assert!(!format!("{c:?} {c}").contains("very-secret"));
+        assert!(Cookie::new("").is_err());
+        assert!(Cookie::new(&"x".repeat(256)).is_err());
+        assert!(Cookie::new("a\nb").unwrap_err().to_string().contains("control character"));
+        assert!(Cookie::new("café").unwrap_err().to_string().contains("non-ASCII"));
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("br-cookie-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn cookie_file_is_private_and_removed_on_drop() {
+        let parent = tempdir();
+        let real = parent.join("realhome");
+        fs::create_dir_all(&real).unwrap();
+        fs::write(real.join(".iex.exs"), "IO.puts 1").unwrap();
+        let c = Cookie::new("abc def").unwrap();
+        let f = CookieFile::create(&c, &parent, None, Some(&real)).unwrap();
+        let dir = f.home().to_path_buf();
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(fs::metadata(f.path()).unwrap().permissions().mode() & 0o777, 0o400);
+        assert_eq!(fs::read_to_string(f.path()).unwrap(), "abc def\n");
+        assert_eq!(fs::read_link(dir.join(".iex.exs")).unwrap(), real.join(".iex.exs"));
+        assert!(!dir.join(".erlang").exists());
+        assert_eq!(f.env()[0], ("HOME".to_string(), dir.display().to_string()));
+        // A second file never reuses or follows what is there.
+        let g = CookieFile::create(&c, &parent, None, None).unwrap();
+        assert_ne!(g.home(), f.home());
+        drop(f);
+        drop(g);
+        assert!(!dir.exists());
+        fs::remove_dir_all(parent).unwrap();
+    }
+}
