@@ -71,13 +71,18 @@ if [ "${1:-}" = --vm ]; then
   vm_dir=${BEAMREDIR_VM_DIR:-${CARGO_TARGET_DIR:-$root/target}/vm}
   mkdir -p "$vm_dir"
   if [ ! -e "$vm_dir/kernel/ready" ]; then
-    kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-6\.1\./ {print $2; exit}')
-    if [ -z "$kpkg" ]; then apt-get update -qq; kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-6\.1\./ {print $2; exit}'); fi
-    [ -n "$kpkg" ] || { log "no bookworm 6.1 kernel package found (apt-cache depends linux-image-amd64)"; exit 1; }
-    log "downloading and unpacking $kpkg into $vm_dir/kernel"
+    newest_kernel() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-6\.1\./ {print $2; exit}'; }
     tmp=$(mktemp -d "$vm_dir/kernel.XXXXXX")
-    # apt-get download writes into the current directory; _apt cannot write here, so it warns.
-    (cd "$tmp" && { apt-get download -qq "$kpkg" 2>/dev/null || { apt-get update -qq && apt-get download -qq "$kpkg" 2>/dev/null; }; })
+    kpkg=$(newest_kernel)
+    # apt-get download writes into the current directory, as root (not as _apt, who cannot
+    # write here). Stale package lists name a kernel the mirror no longer has: update, retry.
+    if [ -z "$kpkg" ] || ! (cd "$tmp" && apt-get -qq -o APT::Sandbox::User=root download "$kpkg"); then
+      apt-get update -qq
+      kpkg=$(newest_kernel)
+      [ -n "$kpkg" ] || { log "no bookworm 6.1 kernel package found (apt-cache depends linux-image-amd64)"; exit 1; }
+      (cd "$tmp" && apt-get -qq -o APT::Sandbox::User=root download "$kpkg")
+    fi
+    log "unpacking $kpkg into $vm_dir/kernel"
     dpkg-deb -x "$tmp"/"$kpkg"_*.deb "$tmp/root"
     rm -f "$tmp"/*.deb
     ls "$tmp"/root/boot/vmlinuz-* >/dev/null && ls -d "$tmp"/root/lib/modules/* >/dev/null
