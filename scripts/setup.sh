@@ -49,4 +49,48 @@ if ! python3 -c "import kubernetes" >/dev/null 2>&1; then
 fi
 # kubectl (the other independent client) ships with these machines; say so if it is missing.
 command -v kubectl >/dev/null 2>&1 || log "warning: kubectl not found; the kubectl fidelity test will fail"
+
+# `setup.sh --vm` (cargo xtask test --vm): QEMU, a static busybox for the guest's initramfs, and
+# Debian bookworm's generic 6.1 kernel (vmlinuz + modules, for 9p and overlayfs), unpacked
+# from its .deb into target/vm/ (or $BEAMREDIR_VM_DIR). The newest bookworm kernel is the one
+# the linux-image-amd64 metapackage depends on; an already unpacked one is kept.
+if [ "${1:-}" = --vm ]; then
+  VM_PACKAGES=(qemu-system-x86 busybox-static)
+  missing=()
+  for p in "${VM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    [ "$(id -u)" = 0 ] || { log "need root to install Debian packages: ${missing[*]} (run with sudo)"; exit 1; }
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  root=$(cd "$(dirname "$0")/.." && pwd)
+  vm_dir=${BEAMREDIR_VM_DIR:-${CARGO_TARGET_DIR:-$root/target}/vm}
+  mkdir -p "$vm_dir"
+  if [ ! -e "$vm_dir/kernel/ready" ]; then
+    newest_kernel() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-6\.1\./ {print $2; exit}'; }
+    tmp=$(mktemp -d "$vm_dir/kernel.XXXXXX")
+    kpkg=$(newest_kernel)
+    # apt-get download writes into the current directory, as root (not as _apt, who cannot
+    # write here). Stale package lists name a kernel the mirror no longer has: update, retry.
+    if [ -z "$kpkg" ] || ! (cd "$tmp" && apt-get -qq -o APT::Sandbox::User=root download "$kpkg"); then
+      apt-get update -qq
+      kpkg=$(newest_kernel)
+      [ -n "$kpkg" ] || { log "no bookworm 6.1 kernel package found (apt-cache depends linux-image-amd64)"; exit 1; }
+      (cd "$tmp" && apt-get -qq -o APT::Sandbox::User=root download "$kpkg")
+    fi
+    log "unpacking $kpkg into $vm_dir/kernel"
+    dpkg-deb -x "$tmp"/"$kpkg"_*.deb "$tmp/root"
+    rm -f "$tmp"/*.deb
+    ls "$tmp"/root/boot/vmlinuz-* >/dev/null && ls -d "$tmp"/root/lib/modules/* >/dev/null
+    echo "$kpkg" > "$tmp/root/package"
+    rm -rf "$vm_dir/kernel"
+    mv "$tmp/root" "$vm_dir/kernel" && rmdir "$tmp"
+    touch "$vm_dir/kernel/ready"
+  fi
+  log "vm ok ($(cat "$vm_dir/kernel/package") in $vm_dir/kernel, qemu, busybox-static)"
+fi
 log "ok (nightly rust-src, bpf-linker, Debian packages, Python kubernetes client)"

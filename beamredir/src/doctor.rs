@@ -1,5 +1,23 @@
-//! `beamredir doctor`: can this host run beamredir, and if not, what to fix.
-use std::path::Path;
+//! `beamredir doctor`: can this host run beamredir, and if not, which kernel feature is missing.
+//!
+//! Every feature beamredir needs is probed on its own by using it: a map of each type is
+//! created, a tiny program is loaded for each attach type, one calls each helper, one is
+//! attached to a scratch cgroup through a bpf_link and detached by closing it, a socket option
+//! is read and a loopback socket is looked up through sock_diag. So a failing line names the
+//! feature, and its fix names the kernel that added it (see docs/kernels.md, which has the
+//! commits). The kernel version is printed, but decides nothing: distribution kernels backport.
+//! Last, beamredir's own programs are loaded and attached, as a session would.
+//!
+//! The probes talk to bpf(2) directly (instructions built here, no eBPF object), so this module
+//! does not depend on how beamredir's programs are written.
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::unix::fs::MetadataExt,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use crate::kernel::{
     cgroup::{Hierarchy, find_cgroup2_mount},
@@ -21,12 +39,6 @@ fn check(name: &'static str, result: Result<String, String>, fix: &'static str) 
     }
 }
 
-/// Parses "6.18.44-foo" into (6, 18).
-fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
 /// Runs every check; `scratch_dir` is where a private cgroup2 mount may go.
 pub fn run(scratch_dir: &Path) -> Vec<Check> {
     let mut checks = Vec::new();
@@ -36,23 +48,13 @@ pub fn run(scratch_dir: &Path) -> Vec<Check> {
         if euid.is_root() { Ok("running as root".into()) } else { Err(format!("running as uid {euid}")) },
         "run beamredir with sudo (it needs CAP_BPF, CAP_NET_ADMIN and cgroup writes)",
     ));
-    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let uname = nix::sys::utsname::uname().ok();
+    let release = uname.as_ref().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let version = uname.as_ref().map(|u| u.version().to_string_lossy().into_owned()).unwrap_or_default();
     checks.push(check(
-        "kernel >= 5.8",
-        match kernel_version(&release) {
-            Some(v) if v >= (5, 8) => Ok(release.clone()),
-            _ => Err(format!("kernel {release}")),
-        },
-        "cgroup/getpeername4 and bpf_link need Linux 5.8 or newer",
-    ));
-    checks.push(check(
-        "BTF",
-        if Path::new("/sys/kernel/btf/vmlinux").exists() {
-            Ok("/sys/kernel/btf/vmlinux".into())
-        } else {
-            Err("/sys/kernel/btf/vmlinux is missing".into())
-        },
-        "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        "kernel",
+        Ok(format!("{release} ({version}); the lines below decide, not the version")),
+        "",
     ));
     checks.push(check(
         "cgroup2",
@@ -63,42 +65,539 @@ pub fn run(scratch_dir: &Path) -> Vec<Check> {
         },
         "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup/unified); under `ip netns exec`, use nsenter --net=... instead",
     ));
+    checks.push(check(
+        "BTF (not needed)",
+        Ok(if Path::new("/sys/kernel/btf/vmlinux").exists() {
+            "/sys/kernel/btf/vmlinux present; beamredir does not use it (no CO-RE relocations)".into()
+        } else {
+            "/sys/kernel/btf/vmlinux absent: fine, beamredir does not use it (no CO-RE relocations)".into()
+        }),
+        "",
+    ));
     if !euid.is_root() {
         return checks;
     }
+
+    let syscall = probe_map(MAP_HASH, 8, 8, 1, 0);
+    let syscall_ok = syscall.is_ok();
+    checks.push(check(
+        "bpf() syscall",
+        syscall.map(|_| "a map can be created".into()),
+        "the kernel needs CONFIG_BPF_SYSCALL=y; EPERM: check the lockdown mode (integrity allows BPF) and that you are really root",
+    ));
+    if !syscall_ok {
+        return checks;
+    }
+    checks.push(check(
+        "map: hash",
+        probe_map(MAP_HASH, 8, 8, 16, 0).map(|_| "BPF_MAP_TYPE_HASH (the redirect table)".into()),
+        "BPF_MAP_TYPE_HASH is in every eBPF kernel (3.19); check CONFIG_BPF_SYSCALL and the memlock limit",
+    ));
+    checks.push(check(
+        "map: per-CPU array",
+        probe_map(MAP_PERCPU_ARRAY, 4, 8, 16, 0).map(|_| "BPF_MAP_TYPE_PERCPU_ARRAY (the counters)".into()),
+        "BPF_MAP_TYPE_PERCPU_ARRAY needs Linux >= 4.6",
+    ));
+    checks.push(check(
+        "map: ring buffer",
+        probe_map(MAP_RINGBUF, 0, 0, 4096.max(page_size()), 0).map(|_| "BPF_MAP_TYPE_RINGBUF (aya-log's AYA_LOGS, for -v)".into()),
+        "BPF_MAP_TYPE_RINGBUF (used by aya-log) needs Linux >= 5.8",
+    ));
+    checks.push(check(
+        "read-only global data",
+        probe_rodata(),
+        "read-only, frozen array maps (BPF_F_RDONLY_PROG, BPF_MAP_FREEZE: aya's .rodata for the log level and config) need Linux >= 5.2",
+    ));
+    let mut connect4 = None;
+    for (name, attach, what, fix) in [
+        ("hook: connect4", ATTACH_INET4_CONNECT, "cgroup/connect4 loads", "BPF_PROG_TYPE_CGROUP_SOCK_ADDR with BPF_CGROUP_INET4_CONNECT needs Linux >= 4.17 and CONFIG_CGROUP_BPF=y"),
+        ("hook: connect6", ATTACH_INET6_CONNECT, "cgroup/connect6 loads", "BPF_CGROUP_INET6_CONNECT needs Linux >= 4.17, CONFIG_CGROUP_BPF=y and IPv6"),
+        ("hook: getpeername4", ATTACH_INET4_GETPEERNAME, "cgroup/getpeername4 loads", "BPF_CGROUP_INET4_GETPEERNAME needs Linux >= 5.8"),
+        ("hook: getpeername6", ATTACH_INET6_GETPEERNAME, "cgroup/getpeername6 loads", "BPF_CGROUP_INET6_GETPEERNAME needs Linux >= 5.8"),
+    ] {
+        let loaded = load_sock_addr(attach, &[mov64_imm(0, 1), exit()]);
+        checks.push(check(name, loaded.as_ref().map(|_| what.into()).map_err(Clone::clone), fix));
+        if attach == ATTACH_INET4_CONNECT {
+            connect4 = loaded.ok();
+        }
+    }
+    checks.push(check(
+        "helper: get_netns_cookie",
+        load_sock_addr(ATTACH_INET4_CONNECT, &[call(HELPER_GET_NETNS_COOKIE), mov64_imm(0, 1), exit()])
+            .map(|_| "callable from cgroup/connect4".into()),
+        "bpf_get_netns_cookie() for sock_addr programs needs Linux >= 5.7",
+    ));
+    checks.push(check(
+        "helper: lookup, atomic add",
+        probe_lookup_and_add(),
+        "bpf_map_lookup_elem() and BPF_ATOMIC add (BPF_XADD) on a map value are in every eBPF kernel; the log above says why the verifier refused",
+    ));
+
+    // A scratch cgroup for the attach probes, removed again whatever happens.
+    let scratch = Scratch::create(scratch_dir);
+    checks.push(check(
+        "bpf_link for cgroups",
+        match (&scratch, &connect4) {
+            (Err(e), _) => Err(format!("no scratch cgroup: {e}")),
+            (_, None) => Err("nothing to attach (cgroup/connect4 did not load)".into()),
+            (Ok(s), Some(prog)) => probe_link(prog, &s.dir),
+        },
+        "BPF_LINK_CREATE for cgroups (what detaches beamredir's programs when it dies, even by SIGKILL) needs Linux >= 5.7",
+    ));
+    checks.push(check(
+        "SO_NETNS_COOKIE",
+        probe_netns_cookie(),
+        "getsockopt(SO_NETNS_COOKIE) needs Linux >= 5.14",
+    ));
+    checks.push(check(
+        "INET_DIAG_CGROUP_ID",
+        probe_inet_diag_cgroup_id(),
+        "an exact sock_diag lookup needs CONFIG_INET_DIAG and CONFIG_INET_TCP_DIAG (modules inet_diag, tcp_diag: `modprobe tcp_diag`); the INET_DIAG_CGROUP_ID attribute needs Linux >= 5.8",
+    ));
+
     let loaded = Redirector::load(LoadOptions::default());
     checks.push(check(
-        "BPF syscall and verifier",
-        loaded.as_ref().map(|_| "connect4/6 and getpeername4/6 load".into()).map_err(|e| format!("{e}")),
-        "the kernel needs CONFIG_BPF_SYSCALL=y; check `dmesg` and kernel.unprivileged_bpf_disabled",
+        "beamredir programs load",
+        loaded.as_ref().map(|_| "connect4/6 and getpeername4/6 pass the verifier".into()).map_err(|e| format!("{e}")),
+        "a line above names the missing feature; if none does, run with RUST_LOG=debug and look at the verifier log",
     ));
     if let Ok(mut redirector) = loaded {
-        checks.push(check("cgroup-BPF attach", try_attach(&mut redirector, scratch_dir), "the kernel needs CONFIG_CGROUP_BPF=y"));
+        checks.push(check(
+            "beamredir programs attach",
+            match &scratch {
+                Ok(s) => redirector.attach(&s.dir).map(|()| "attached to a scratch cgroup and detached".into()).map_err(|e| e.to_string()),
+                Err(e) => Err(format!("no scratch cgroup: {e}")),
+            },
+            "the kernel needs CONFIG_CGROUP_BPF=y",
+        ));
+        drop(redirector); // detaches before the scratch cgroup goes
+    }
+    if let Ok(s) = scratch {
+        if let Err(e) = s.remove() {
+            checks.push(check("scratch cgroup removed", Err(e), "remove it by hand (rmdir)"));
+        }
     }
     checks
 }
 
-/// Attaches the programs to a throw-away cgroup and removes it again.
-fn try_attach(redirector: &mut Redirector, scratch_dir: &Path) -> Result<String, String> {
-    let hierarchy = Hierarchy::open(scratch_dir).map_err(|e| e.to_string())?;
-    let name = format!(".doctor-{}", std::process::id());
-    let rel = hierarchy.create_session_cgroup(&name).map_err(|e| e.to_string())?;
-    let result = hierarchy
-        .open_dir(&rel)
-        .map_err(|e| e.to_string())
-        .and_then(|dir| redirector.attach(&dir).map_err(|e| e.to_string()));
-    let removed = hierarchy.remove_session_cgroup(&rel, "/");
-    result?;
-    removed.map_err(|e| e.to_string())?;
-    Ok("attached to a scratch cgroup and detached".into())
+/// `/beamredir/.doctor-PID`, for attaching programs to.
+struct Scratch {
+    hierarchy: Hierarchy,
+    rel: String,
+    dir: std::fs::File,
+}
+
+impl Scratch {
+    fn create(scratch_dir: &Path) -> Result<Self, String> {
+        let hierarchy = Hierarchy::open(scratch_dir).map_err(|e| e.to_string())?;
+        let rel = hierarchy.create_session_cgroup(&format!(".doctor-{}", std::process::id())).map_err(|e| e.to_string())?;
+        match hierarchy.open_dir(&rel) {
+            Ok(dir) => Ok(Scratch { hierarchy, rel, dir }),
+            Err(e) => {
+                let _ = hierarchy.remove_session_cgroup(&rel, "/");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn remove(self) -> Result<(), String> {
+        let Scratch { hierarchy, rel, dir } = self;
+        drop(dir);
+        hierarchy.remove_session_cgroup(&rel, "/").map_err(|e| e.to_string())
+    }
+}
+
+// ---- bpf(2), by hand ---------------------------------------------------------------------
+// Numbers from include/uapi/linux/bpf.h (stable ABI).
+
+const CMD_MAP_CREATE: libc::c_long = 0;
+const CMD_PROG_LOAD: libc::c_long = 5;
+const CMD_PROG_QUERY: libc::c_long = 16;
+const CMD_MAP_FREEZE: libc::c_long = 22;
+const CMD_LINK_CREATE: libc::c_long = 28;
+
+const MAP_HASH: u32 = 1;
+const MAP_ARRAY: u32 = 2;
+const MAP_PERCPU_ARRAY: u32 = 6;
+const MAP_RINGBUF: u32 = 27;
+const F_RDONLY_PROG: u32 = 1 << 7;
+
+const PROG_CGROUP_SOCK_ADDR: u32 = 18;
+const ATTACH_INET4_CONNECT: u32 = 10;
+const ATTACH_INET6_CONNECT: u32 = 11;
+const ATTACH_INET4_GETPEERNAME: u32 = 29;
+const ATTACH_INET6_GETPEERNAME: u32 = 30;
+
+const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
+const HELPER_GET_NETNS_COOKIE: i32 = 122;
+
+/// A `union bpf_attr`, zero-filled. 128 bytes cover every command used here; the kernel accepts
+/// a larger attr as long as the bytes it does not know are zero.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Attr([0; 128])
+    }
+    fn u32(mut self, offset: usize, value: u32) -> Self {
+        self.0[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
+        self
+    }
+    fn u64(mut self, offset: usize, value: u64) -> Self {
+        self.0[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
+        self
+    }
+    fn read_u32(&self, offset: usize) -> u32 {
+        u32::from_ne_bytes(self.0[offset..offset + 4].try_into().unwrap())
+    }
+}
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a valid, writable buffer of the size passed.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len()) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+}
+
+fn sys_bpf_fd(cmd: libc::c_long, attr: &mut Attr) -> io::Result<OwnedFd> {
+    // SAFETY: these commands return a new file descriptor that nothing else owns.
+    sys_bpf(cmd, attr).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn errno_text(e: &io::Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(libc::EINVAL) => "EINVAL: not known to this kernel",
+        Some(libc::EPERM) => "EPERM",
+        Some(libc::ENOSYS) => "ENOSYS: no bpf() syscall",
+        Some(libc::E2BIG) => "E2BIG: the kernel does not know these attributes",
+        Some(libc::EACCES) => "EACCES: refused by the verifier",
+        _ => "",
+    };
+    if name.is_empty() { e.to_string() } else { format!("{name} ({e})") }
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as u32
+}
+
+fn probe_map(map_type: u32, key_size: u32, value_size: u32, max_entries: u32, flags: u32) -> Result<OwnedFd, String> {
+    let mut attr = Attr::new().u32(0, map_type).u32(4, key_size).u32(8, value_size).u32(12, max_entries).u32(16, flags);
+    sys_bpf_fd(CMD_MAP_CREATE, &mut attr).map_err(|e| format!("creating the map: {}", errno_text(&e)))
+}
+
+fn probe_rodata() -> Result<String, String> {
+    let map = probe_map(MAP_ARRAY, 4, 8, 1, F_RDONLY_PROG).map_err(|e| format!("BPF_F_RDONLY_PROG array: {e}"))?;
+    let mut attr = Attr::new().u32(0, map.as_raw_fd() as u32);
+    sys_bpf(CMD_MAP_FREEZE, &mut attr).map_err(|e| format!("BPF_MAP_FREEZE: {}", errno_text(&e)))?;
+    Ok("BPF_F_RDONLY_PROG array map, frozen".into())
+}
+
+/// One eBPF instruction (little-endian layout: code, dst|src<<4, off, imm).
+type Insn = [u8; 8];
+
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    let mut i = [0u8; 8];
+    i[0] = code;
+    i[1] = dst | (src << 4);
+    i[2..4].copy_from_slice(&off.to_le_bytes());
+    i[4..8].copy_from_slice(&imm.to_le_bytes());
+    i
+}
+fn mov64_imm(dst: u8, imm: i32) -> Insn {
+    insn(0xb7, dst, 0, 0, imm) // BPF_ALU64 | BPF_MOV | BPF_K
+}
+fn mov64_reg(dst: u8, src: u8) -> Insn {
+    insn(0xbf, dst, src, 0, 0) // BPF_ALU64 | BPF_MOV | BPF_X
+}
+fn add64_imm(dst: u8, imm: i32) -> Insn {
+    insn(0x07, dst, 0, 0, imm) // BPF_ALU64 | BPF_ADD | BPF_K
+}
+fn store32_imm(dst: u8, off: i16, imm: i32) -> Insn {
+    insn(0x62, dst, 0, off, imm) // BPF_ST | BPF_MEM | BPF_W
+}
+fn jeq_imm(dst: u8, imm: i32, off: i16) -> Insn {
+    insn(0x15, dst, 0, off, imm) // BPF_JMP | BPF_JEQ | BPF_K
+}
+fn atomic_add64(dst: u8, src: u8, off: i16) -> Insn {
+    insn(0xdb, dst, src, off, 0) // BPF_STX | BPF_ATOMIC (ex BPF_XADD) | BPF_DW, imm = BPF_ADD
+}
+fn call(helper: i32) -> Insn {
+    insn(0x85, 0, 0, 0, helper) // BPF_JMP | BPF_CALL
+}
+fn exit() -> Insn {
+    insn(0x95, 0, 0, 0, 0) // BPF_JMP | BPF_EXIT
+}
+/// `dst = map` (BPF_LD | BPF_IMM | BPF_DW with BPF_PSEUDO_MAP_FD): two instructions.
+fn ld_map_fd(dst: u8, fd: i32) -> [Insn; 2] {
+    [insn(0x18, dst, 1, 0, fd), [0; 8]]
+}
+
+/// Loads a BPF_PROG_TYPE_CGROUP_SOCK_ADDR program for `attach`. On failure the error says
+/// why, with the verifier's last words if it got that far.
+fn load_sock_addr(attach: u32, insns: &[Insn]) -> Result<OwnedFd, String> {
+    let code: Vec<u8> = insns.concat();
+    let license = b"Dual MIT/GPL\0";
+    let attr = |log: &mut [u8]| {
+        Attr::new()
+            .u32(0, PROG_CGROUP_SOCK_ADDR)
+            .u32(4, insns.len() as u32)
+            .u64(8, code.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .u32(24, if log.is_empty() { 0 } else { 1 })
+            .u32(28, log.len() as u32)
+            .u64(32, if log.is_empty() { 0 } else { log.as_mut_ptr() as u64 })
+            .u32(68, attach)
+    };
+    let err = match sys_bpf_fd(CMD_PROG_LOAD, &mut attr(&mut [])) {
+        Ok(fd) => return Ok(fd),
+        Err(e) => e,
+    };
+    // Again with the verifier log, for the reason.
+    let mut log = vec![0u8; 64 * 1024];
+    let _ = sys_bpf_fd(CMD_PROG_LOAD, &mut attr(&mut log));
+    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+    let text = String::from_utf8_lossy(&log[..end]);
+    let last: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("processed ")).collect();
+    match last.last() {
+        Some(line) => Err(format!("{}; verifier: {}", errno_text(&err), line.trim())),
+        None => Err(errno_text(&err)),
+    }
+}
+
+/// The counter pattern: look a value up in a per-CPU array and add to it atomically.
+fn probe_lookup_and_add() -> Result<String, String> {
+    let map = probe_map(MAP_PERCPU_ARRAY, 4, 8, 1, 0)?;
+    let [ld0, ld1] = ld_map_fd(1, map.as_raw_fd());
+    load_sock_addr(
+        ATTACH_INET4_CONNECT,
+        &[
+            store32_imm(10, -4, 0), // key = 0 on the stack
+            ld0,
+            ld1,
+            mov64_reg(2, 10),
+            add64_imm(2, -4),
+            call(HELPER_MAP_LOOKUP_ELEM),
+            jeq_imm(0, 0, 2),
+            mov64_imm(1, 1),
+            atomic_add64(0, 1, 0), // lock *(u64 *)(r0 + 0) += r1
+            mov64_imm(0, 1),
+            exit(),
+        ],
+    )
+    .map(|_| "bpf_map_lookup_elem + lock *(u64 *)(value) += 1 in cgroup/connect4".into())
+}
+
+/// Programs attached to `cgroup` for `attach_type` (BPF_PROG_QUERY).
+fn attached_count(cgroup: &impl AsFd, attach_type: u32) -> Result<u32, String> {
+    let mut attr = Attr::new().u32(0, cgroup.as_fd().as_raw_fd() as u32).u32(4, attach_type);
+    sys_bpf(CMD_PROG_QUERY, &mut attr).map_err(|e| format!("BPF_PROG_QUERY: {}", errno_text(&e)))?;
+    Ok(attr.read_u32(24))
+}
+
+/// Attaches `prog` to `cgroup` through a bpf_link, then closes the link: the kernel must
+/// detach the program (as it does when the process holding the link dies).
+fn probe_link(prog: &OwnedFd, cgroup: &std::fs::File) -> Result<String, String> {
+    let before = attached_count(cgroup, ATTACH_INET4_CONNECT)?;
+    let mut attr = Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, cgroup.as_raw_fd() as u32).u32(8, ATTACH_INET4_CONNECT);
+    let link = sys_bpf_fd(CMD_LINK_CREATE, &mut attr).map_err(|e| format!("BPF_LINK_CREATE: {}", errno_text(&e)))?;
+    let during = attached_count(cgroup, ATTACH_INET4_CONNECT)?;
+    drop(link);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut after = attached_count(cgroup, ATTACH_INET4_CONNECT)?;
+    while after != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        after = attached_count(cgroup, ATTACH_INET4_CONNECT)?;
+    }
+    if during != before + 1 {
+        return Err(format!("after BPF_LINK_CREATE the cgroup has {during} program(s), expected {}", before + 1));
+    }
+    if after != before {
+        return Err(format!("closing the link left {after} program(s) attached, expected {before}"));
+    }
+    Ok("attached to a scratch cgroup through a link; closing the link detached it".into())
+}
+
+fn probe_netns_cookie() -> Result<String, String> {
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for the duration of the call.
+    let r = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::ENOPROTOOPT) {
+            format!("ENOPROTOOPT: not known to this kernel ({e})")
+        } else {
+            e.to_string()
+        });
+    }
+    Ok(format!("this network namespace's cookie is {cookie}"))
+}
+
+/// Looks up one end of a loopback TCP connection with an exact SOCK_DIAG_BY_FAMILY request
+/// and reads its INET_DIAG_CGROUP_ID, which should be this process's cgroup.
+fn probe_inet_diag_cgroup_id() -> Result<String, String> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| format!("loopback listener: {e} (is lo up?)"))?;
+    let client = TcpStream::connect(listener.local_addr().unwrap()).map_err(|e| format!("loopback connect: {e}"))?;
+    let (std::net::SocketAddr::V4(local), std::net::SocketAddr::V4(peer)) =
+        (client.local_addr().map_err(|e| e.to_string())?, client.peer_addr().map_err(|e| e.to_string())?)
+    else {
+        return Err("not an IPv4 connection".into());
+    };
+    let id = inet_diag_cgroup_id(local, peer)?;
+    let own = own_cgroup_id();
+    Ok(match own {
+        Some(own) if own == id => format!("cgroup id {id} for a loopback socket (this process's cgroup)"),
+        Some(own) => format!("cgroup id {id} for a loopback socket (this process's cgroup is {own}: net_cls/net_prio in use?)"),
+        None => format!("cgroup id {id} for a loopback socket"),
+    })
+}
+
+/// The cgroup2 id of this process's cgroup: the inode number of its directory.
+fn own_cgroup_id() -> Option<u64> {
+    let mount = find_cgroup2_mount().ok()??;
+    let rel = Hierarchy::cgroup_of(std::process::id()).ok()?;
+    std::fs::metadata(mount.join(rel.trim_start_matches('/'))).ok().map(|m| m.ino())
+}
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+const INET_DIAG_NOCOOKIE: u32 = !0;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+
+fn inet_diag_cgroup_id(local: SocketAddrV4, peer: SocketAddrV4) -> Result<u64, String> {
+    // struct nlmsghdr (16) + struct inet_diag_req_v2 (56).
+    let mut req = Vec::with_capacity(72);
+    req.extend_from_slice(&72u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes()); // no NLM_F_DUMP: an exact lookup
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    req.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_TCP as u8, 0, 0]); // family, protocol, ext, pad
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    // struct inet_diag_sockid: ports and addresses in network order.
+    req.extend_from_slice(&local.port().to_be_bytes());
+    req.extend_from_slice(&peer.port().to_be_bytes());
+    for addr in [local.ip(), peer.ip()] {
+        req.extend_from_slice(&addr.octets());
+        req.extend_from_slice(&[0; 12]);
+    }
+    req.extend_from_slice(&0u32.to_ne_bytes()); // interface
+    req.extend_from_slice(&INET_DIAG_NOCOOKIE.to_ne_bytes());
+    req.extend_from_slice(&INET_DIAG_NOCOOKIE.to_ne_bytes());
+    debug_assert_eq!(req.len(), 72);
+
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
+    if fd < 0 {
+        return Err(format!("netlink NETLINK_SOCK_DIAG socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just created and is owned here.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    // SAFETY: valid option value for the call's duration.
+    unsafe {
+        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size_of::<libc::timeval>() as u32)
+    };
+    // SAFETY: req is valid for its length.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(format!("sending the sock_diag request: {}", io::Error::last_os_error()));
+    }
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: buf is valid for its length.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(format!("reading the sock_diag answer: {}", io::Error::last_os_error()));
+    }
+    parse_inet_diag_cgroup_id(&buf[..n as usize])
+}
+
+/// Finds INET_DIAG_CGROUP_ID in a SOCK_DIAG_BY_FAMILY answer.
+fn parse_inet_diag_cgroup_id(buf: &[u8]) -> Result<u64, String> {
+    let u16_at = |b: &[u8], o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = u32_at(buf, off) as usize;
+        let kind = u16_at(buf, off + 4);
+        if len < 16 || off + len > buf.len() {
+            break;
+        }
+        let msg = &buf[off..off + len];
+        if kind == NLMSG_ERROR && len >= 20 {
+            let errno = -(u32_at(msg, 16) as i32);
+            return Err(match errno {
+                libc::ENOENT => "the exact lookup found no socket (ENOENT)".into(),
+                e => format!("sock_diag error: {}", io::Error::from_raw_os_error(e)),
+            });
+        }
+        if kind == SOCK_DIAG_BY_FAMILY {
+            // struct inet_diag_msg is 72 bytes; attributes (struct nlattr + value) follow.
+            let mut a = 16 + 72;
+            while a + 4 <= msg.len() {
+                let alen = u16_at(msg, a) as usize;
+                let atype = u16_at(msg, a + 2) & 0x3fff;
+                if alen < 4 || a + alen > msg.len() {
+                    break;
+                }
+                if atype == INET_DIAG_CGROUP_ID && alen >= 12 {
+                    return Ok(u64::from_ne_bytes(msg[a + 4..a + 12].try_into().unwrap()));
+                }
+                a += (alen + 3) & !3;
+            }
+            return Err("the answer has no INET_DIAG_CGROUP_ID attribute (kernel older than 5.8?)".into());
+        }
+        off += (len + 3) & !3;
+    }
+    Err("no answer to the sock_diag request".into())
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn kernel_versions() {
-        assert_eq!(super::kernel_version("6.18.44-fc-v657"), Some((6, 18)));
-        assert_eq!(super::kernel_version("5.8.0"), Some((5, 8)));
-        assert_eq!(super::kernel_version("garbage"), None);
+    fn instructions_encode_like_the_kernel_expects() {
+        assert_eq!(mov64_imm(0, 1), [0xb7, 0x00, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(atomic_add64(0, 1, 0), [0xdb, 0x10, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(store32_imm(10, -4, 0), [0x62, 0x0a, 0xfc, 0xff, 0, 0, 0, 0]);
+        assert_eq!(ld_map_fd(1, 7)[0], [0x18, 0x11, 0, 0, 7, 0, 0, 0]);
+        assert_eq!(call(122), [0x85, 0, 0, 0, 122, 0, 0, 0]);
+    }
+
+    fn nlmsg(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(payload);
+        m
+    }
+
+    #[test]
+    fn sock_diag_answers_parse() {
+        let mut payload = vec![0u8; 72];
+        payload.extend_from_slice(&8u16.to_ne_bytes()); // an unrelated 4-byte attribute
+        payload.extend_from_slice(&1u16.to_ne_bytes());
+        payload.extend_from_slice(&[0; 4]);
+        payload.extend_from_slice(&12u16.to_ne_bytes());
+        payload.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        payload.extend_from_slice(&4242u64.to_ne_bytes());
+        assert_eq!(parse_inet_diag_cgroup_id(&nlmsg(SOCK_DIAG_BY_FAMILY, &payload)), Ok(4242));
+        let old_kernel = nlmsg(SOCK_DIAG_BY_FAMILY, &[0u8; 72]);
+        assert!(parse_inet_diag_cgroup_id(&old_kernel).unwrap_err().contains("no INET_DIAG_CGROUP_ID"));
+        let enoent = nlmsg(NLMSG_ERROR, &(-libc::ENOENT).to_ne_bytes());
+        assert!(parse_inet_diag_cgroup_id(&enoent).unwrap_err().contains("ENOENT"));
     }
 }

@@ -1,4 +1,4 @@
-//! Build, test and demo orchestration: `cargo xtask <setup|build|test|demo>`.
+//! Build, test and demo orchestration: `cargo xtask <setup|build|test|demo|bench|vm-shell>`.
 //!
 //! Every task that needs tools first runs `scripts/setup.sh`, which installs what is missing
 //! (nightly rust-src, bpf-linker, Debian packages) and does nothing when all is there.
@@ -8,6 +8,7 @@ use std::{
 };
 
 mod bench;
+mod vm;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -22,7 +23,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need (idempotent).
-    Setup,
+    Setup {
+        /// Also what `test --vm` needs: QEMU, busybox-static and Debian's 6.1 kernel.
+        #[arg(long)]
+        vm: bool,
+    },
     /// Build beamredir (and its embedded eBPF object).
     Build {
         #[arg(long)]
@@ -30,6 +35,10 @@ enum Task {
     },
     /// Run every test: unit tests and the privileged end-to-end tests (root).
     Test {
+        /// Instead: the kernel-facing tests inside a QEMU guest running Debian bookworm's
+        /// 6.1 kernel (KVM if it works, else TCG).
+        #[arg(long, conflicts_with = "args")]
+        vm: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
@@ -38,6 +47,8 @@ enum Task {
     Demo,
     /// Benchmarks (side by side in one run): report under target/bench/.
     Bench(bench::BenchArgs),
+    /// Debugging aid: the `test --vm` guest with a shell on the console.
+    VmShell,
 }
 
 /// How long `cargo xtask test` fuzzes the EPMD parser.
@@ -65,6 +76,10 @@ fn setup() -> Result<()> {
     run(Command::new("bash").arg(workspace_root().join("scripts/setup.sh")))
 }
 
+fn setup_vm() -> Result<()> {
+    run(Command::new("bash").arg(workspace_root().join("scripts/setup.sh")).arg("--vm"))
+}
+
 fn build(release: bool) -> Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args(["build", "--package", "beamredir"]);
@@ -86,12 +101,19 @@ fn require_root(task: &str) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup(),
+        Task::Setup { vm: false } => setup(),
+        Task::Setup { vm: true } => setup_vm(),
         Task::Build { release } => {
             setup()?;
             build(release).map(|_| ())
         }
-        Task::Test { args } => {
+        Task::Test { vm: true, .. } => {
+            require_root("test --vm")?;
+            setup_vm()?;
+            let bin = build(false)?;
+            vm::test(&bin)
+        }
+        Task::Test { vm: false, args } => {
             require_root("test")?;
             setup()?;
             let bin = build(false)?;
@@ -111,6 +133,12 @@ fn main() -> Result<()> {
             // SAFETY: single-threaded at this point.
             unsafe { std::env::set_var("BEAMREDIR_BIN", &bin) };
             beamredir_testbed::demo::run()
+        }
+        Task::VmShell => {
+            require_root("vm-shell")?;
+            setup_vm()?;
+            let bin = build(false)?;
+            vm::shell(&bin)
         }
         Task::Bench(args) => {
             require_root("bench")?;
