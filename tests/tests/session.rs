@@ -78,25 +78,54 @@ fn session_redirects_its_own_processes_counts_them_and_nobody_else() -> Result<(
     Ok(())
 }
 
-#[test]
-fn sigkill_detaches_the_programs_and_the_next_run_cleans_the_stale_cgroup() -> Result<()> {
-    let bed = TestBed::start()?;
-    let session = unique("k");
-    let mut map = bed.start_session(&session, &[])?;
-    let status = bed.session_status(&session).unwrap();
+/// Starts a session, checks the four programs are attached, and returns it with its cgroup.
+fn attached_session(bed: &TestBed, session: &str) -> Result<(beamredir_testbed::Graceful, std::path::PathBuf)> {
+    let map = bed.start_session(session, &[])?;
+    let status = bed.session_status(session).unwrap();
     let cgroup = std::path::PathBuf::from(status["cgroup_path"].as_str().unwrap());
     let attached = bpftool_cgroup_programs(&cgroup)?;
     let types: Vec<_> = attached.iter().map(|(t, _)| t.as_str()).collect();
     for t in ["cgroup_inet4_connect", "cgroup_inet4_getpeername", "cgroup_inet6_connect", "cgroup_inet6_getpeername"] {
         assert!(types.contains(&t), "{t} not attached: {attached:?}");
     }
+    Ok((map, cgroup))
+}
 
+/// The pid of a session's reaper.
+fn reaper_of(session: &str) -> Option<i32> {
+    let out = std::process::Command::new("pgrep").args(["-f", &format!("__reaper {session} ")]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
+}
+
+#[test]
+fn sigkill_detaches_the_programs_and_the_reaper_removes_the_rest() -> Result<()> {
+    let bed = TestBed::start()?;
+    let session = unique("k");
+    let (mut map, cgroup) = attached_session(&bed, &session)?;
+    assert!(reaper_of(&session).is_some(), "no reaper runs for the session");
     map.0.kill()?; // SIGKILL: no teardown code runs.
     map.0.wait()?;
     // The kernel dropped the bpf_links with the process: bpftool sees nothing attached.
     wait_until("programs to be detached", Duration::from_secs(5), || {
-        bpftool_cgroup_programs(&cgroup).map(|p| p.is_empty()).unwrap_or(false)
+        bpftool_cgroup_programs(&cgroup).map(|p| p.is_empty()).unwrap_or(false) || !cgroup.exists()
     })?;
+    // The reaper removes the cgroup, the record and the files, and ends.
+    wait_until("the reaper to clean up", Duration::from_secs(10), || !cgroup.exists() && bed.session_status(&session).is_none() && reaper_of(&session).is_none())?;
+    let left: Vec<_> = std::fs::read_dir(bed.state_dir.path())?.filter_map(Result::ok).map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains(&session)).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
+
+#[test]
+fn a_session_killed_with_its_reaper_is_cleaned_by_the_next_run() -> Result<()> {
+    let bed = TestBed::start()?;
+    let session = unique("k");
+    let (mut map, cgroup) = attached_session(&bed, &session)?;
+    let reaper = reaper_of(&session).expect("a reaper");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(reaper), nix::sys::signal::Signal::SIGKILL)?;
+    map.0.kill()?;
+    map.0.wait()?;
+    wait_until("programs to be detached", Duration::from_secs(5), || bpftool_cgroup_programs(&cgroup).map(|p| p.is_empty()).unwrap_or(false))?;
     assert!(cgroup.exists(), "the stale cgroup is still there until the next run");
     assert_eq!(bed.session_status(&session).unwrap()["state"], "stale");
 

@@ -83,6 +83,9 @@ pub enum Command {
     /// (internal) The unprivileged network part of a session, started by the root part.
     #[command(name = "__network-part", hide = true)]
     NetworkPart,
+    /// (internal) Cleans up after a session process that died without doing so.
+    #[command(name = "__reaper", hide = true)]
+    Reaper { session: String, pid: u32 },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -332,6 +335,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             up::up(state, args, cli.verbose, quiet)
         }
         Command::NetworkPart => up::network_part(),
+        Command::Reaper { session, pid } => Ok(beamredir::session::reaper::run(&state, &session, pid)),
         Command::Exec(args) => {
             require_root("exec")?;
             admin::exec_in_session(&state, &args.session, args.command)

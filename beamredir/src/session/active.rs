@@ -14,6 +14,7 @@ use std::{
 
 use super::{
     SessionError, StateDir,
+    reaper::ReaperLink,
     dns_files::{DnsFiles, HostEntry},
     record::{Scope, SessionRecord, process_start_ticks, session_cgroup},
     state_dir::SessionLock,
@@ -53,6 +54,7 @@ pub struct SessionClaim {
     hierarchy: Option<Hierarchy>,
     name: String,
     lock: Option<SessionLock>,
+    reaper: Option<ReaperLink>,
 }
 
 impl SessionClaim {
@@ -76,12 +78,9 @@ impl SessionClaim {
         let Some(lock) = state.try_lock(name)? else {
             return Err(running(&state));
         };
-        Ok(SessionClaim {
-            state,
-            hierarchy: Some(hierarchy),
-            name: name.to_string(),
-            lock: Some(lock),
-        })
+        // Whatever happens to this process from here on, the reaper cleans up after it.
+        let reaper = super::reaper::spawn(&state, name).map_err(|source| SessionError::State { path: state.root().to_path_buf(), source })?;
+        Ok(SessionClaim { state, hierarchy: Some(hierarchy), name: name.to_string(), lock: Some(lock), reaper: Some(reaper) })
     }
 
     pub fn name(&self) -> &str {
@@ -144,6 +143,7 @@ impl SessionClaim {
             dns,
             created_cgroup: false,
             _lock: self.lock.take().expect("claimed"),
+            _reaper: self.reaper.take(),
         };
         if let Scope::Session { .. } = &session.record.scope {
             session
@@ -184,6 +184,8 @@ pub struct ActiveSession {
     created_cgroup: bool,
     /// The flock on NAME.lock: this process owns the name while it holds it.
     _lock: SessionLock,
+    /// Dropped last: the reaper wakes when this process is gone (see [`super::reaper`]).
+    _reaper: Option<ReaperLink>,
 }
 
 impl ActiveSession {

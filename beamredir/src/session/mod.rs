@@ -8,10 +8,12 @@
 //! * [`status`]: what `beamredir status` shows (also its JSON schema);
 //! * [`control`]: the session's control socket (`status`, `down`);
 //! * [`dns_files`]: the hosts file and Erlang inetrc of a session;
-//! * [`runas`]: running commands inside a session as the user who invoked sudo.
+//! * [`runas`]: running commands inside a session as the user who invoked sudo;
+//! * [`reaper`]: cleaning up after a session process that was killed.
 pub mod active;
 pub mod control;
 pub mod dns_files;
+pub mod reaper;
 pub mod record;
 pub mod runas;
 pub mod state_dir;

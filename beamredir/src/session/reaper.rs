@@ -1,0 +1,78 @@
+//! The reaper: a small root process, started with each session, that cleans up after the
+//! session's process if it dies without doing so itself (SIGKILL, OOM kill). The kernel drops
+//! the programs by itself (bpf_links die with their holder), but the session cgroup, the record
+//! and the files would stay until the next run. The reaper holds the read end of a pipe whose
+//! write end only the session process has; when that process is gone, the pipe reads EOF, and
+//! the reaper removes what the session left (exactly what `down` does for a stale session).
+//! After a normal end there is nothing left to remove and it just exits. It never reads
+//! anything but that pipe.
+use std::{
+    io::Read,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::StateDir;
+use crate::kernel::cgroup::Hierarchy;
+
+/// The hidden subcommand the reaper runs as, and the fd its pipe arrives on.
+pub const REAPER_COMMAND: &str = "__reaper";
+const PIPE_FD: i32 = 3;
+
+/// The session process's end of the pipe: keep it for the session's life (it is close-on-exec,
+/// so no command the session starts inherits it).
+pub struct ReaperLink {
+    _write: OwnedFd,
+}
+
+/// Starts the reaper for session `name` (whose lock this process holds).
+pub fn spawn(state: &StateDir, name: &str) -> std::io::Result<ReaperLink> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--state-dir").arg(state.root()).arg(REAPER_COMMAND).arg(name).arg(std::process::id().to_string());
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let fd = read.as_raw_fd();
+    // SAFETY: dup2, setsid and signal are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, PIPE_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Its own session: the terminal's Ctrl-C and hangup are the session's business.
+            libc::setsid();
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::signal(sig, libc::SIG_IGN);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()?;
+    drop(read);
+    Ok(ReaperLink { _write: write })
+}
+
+/// The reaper's main: waits for the session process to end, then cleans up after it.
+pub fn run(state: &StateDir, name: &str, pid: u32) -> i32 {
+    // SAFETY: fd 3 is the pipe by construction (see `spawn`).
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(PIPE_FD) };
+    let mut byte = [0u8; 1];
+    // Blocks until the session process (the only writer) is gone; nothing is ever written.
+    while matches!(pipe.read(&mut byte), Ok(n) if n > 0) {}
+    // Its lock is released when it has fully exited.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while super::record::process_start_ticks(pid).is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Ok(hierarchy) = Hierarchy::open(&state.private_cgroup_mount()) else { return 1 };
+    match state.load(name) {
+        Ok(Some(record)) if record.pid == pid && !record.is_alive() => {
+            state.clean_stale(&hierarchy);
+            0
+        }
+        _ => 0,
+    }
+}
