@@ -10,10 +10,13 @@ Usage: sim_check.py COMMAND KUBECONFIG ARGS...
       Starts a port-forward and prints "hung" if the upgrade got no answer within SECONDS.
   watch-raw KUBECONFIG RESOURCE_VERSION TIMEOUT [bookmarks]
       A raw pod watch (what the server sends, line by line) from RESOURCE_VERSION.
+  list KUBECONFIG
+      Lists the pods of the default namespace (name, uid, IP).
   watch-resume KUBECONFIG RESOURCE_VERSION
       watch.Watch().stream() from RESOURCE_VERSION (the client's own 410 handling); prints
       the ApiException it ends with, then relists and prints each pod's name, uid and IP.
 """
+import ast
 import json
 import struct
 import sys
@@ -29,13 +32,27 @@ def api(kubeconfig):
     return client.CoreV1Api()
 
 
+def refusal(e):
+    """The Status in a refused WebSocket upgrade (websocket-client puts the body last in its
+    message, as text or as a bytes literal)."""
+    text = str(e.reason)
+    body = text.rsplit("-+-+- ", 1)[-1].strip()
+    try:
+        if body.startswith("b'") or body.startswith('b"'):
+            body = ast.literal_eval(body).decode()
+        status = json.loads(body)
+        return f"{status.get('code')} {status.get('reason')}: {status.get('message')}"
+    except Exception:
+        return text
+
+
 def cmd_portforward(kubeconfig, pod, port, send=None):
     v1 = api(kubeconfig)
     port = int(port)
     try:
         pf = portforward(v1.connect_get_namespaced_pod_portforward, pod, "default", ports=str(port))
     except ApiException as e:
-        print(f"portforward refused: status={e.status} reason={e.reason}")
+        print(f"portforward refused: {refusal(e)}")
         sys.exit(2)
     sock = pf.socket(port)
     sock.settimeout(10)
@@ -112,6 +129,12 @@ def cmd_watch_resume(kubeconfig, rv):
         print(f"pod {p.metadata.name} {p.metadata.uid} {p.status.pod_ip}")
 
 
+def cmd_list(kubeconfig):
+    v1 = api(kubeconfig)
+    for p in v1.list_namespaced_pod("default").items:
+        print(f"pod {p.metadata.name} {p.metadata.uid} {p.status.pod_ip}")
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     {
@@ -119,6 +142,7 @@ def main():
         "portforward-hangs": cmd_portforward_hangs,
         "watch-raw": cmd_watch_raw,
         "watch-resume": cmd_watch_resume,
+        "list": cmd_list,
     }[cmd](*args)
 
 

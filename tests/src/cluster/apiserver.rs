@@ -509,11 +509,14 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
 
 /// POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews: what `kubectl auth can-i` asks.
 async fn self_subject_access_review(state: &Arc<ApiState>, req: Request<Incoming>, user: &User) -> Response<Body> {
+    let protobuf = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/vnd.kubernetes.protobuf"));
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let Ok(mut review) = serde_json::from_slice::<Value>(&body) else {
+    // kubectl (client-go) sends built-in types as protobuf; real servers accept both.
+    let parsed = if protobuf { pb::self_subject_access_review(&body) } else { serde_json::from_slice::<Value>(&body).ok() };
+    let Some(mut review) = parsed else {
         return bad_request("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf");
     };
     let spec = &review["spec"];
@@ -543,6 +546,75 @@ async fn self_subject_access_review(state: &Arc<ApiState>, req: Request<Incoming
     review["kind"] = json!("SelfSubjectAccessReview");
     review["metadata"] = json!({"creationTimestamp": null});
     json_response(StatusCode::CREATED, &review)
+}
+
+/// Just enough protobuf to read the one protobuf body clients send here: kubectl's
+/// SelfSubjectAccessReview, in the `k8s\0` envelope around a runtime.Unknown.
+mod pb {
+    use serde_json::{Value, json};
+
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let (&c, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(c & 0x7f) << (7 * i);
+            if c & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// The length-delimited fields of a message, by field number (others skipped).
+    fn fields(mut b: &[u8]) -> Option<Vec<(u64, &[u8])>> {
+        let mut out = Vec::new();
+        while !b.is_empty() && out.len() < 1000 {
+            let key = varint(&mut b)?;
+            match key & 7 {
+                0 => {
+                    varint(&mut b)?;
+                }
+                1 => b = b.get(8..)?,
+                5 => b = b.get(4..)?,
+                2 => {
+                    let n = usize::try_from(varint(&mut b)?).ok()?;
+                    out.push((key >> 3, b.get(..n)?));
+                    b = &b[n..];
+                }
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
+    fn field<'a>(fs: &[(u64, &'a [u8])], n: u64) -> Option<&'a [u8]> {
+        fs.iter().find(|(k, _)| *k == n).map(|(_, v)| *v)
+    }
+
+    fn string(fs: &[(u64, &[u8])], n: u64) -> String {
+        field(fs, n).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
+    }
+
+    /// The review as JSON (k8s.io/api/authorization/v1 generated.proto field numbers).
+    pub fn self_subject_access_review(body: &[u8]) -> Option<Value> {
+        let unknown = fields(body.strip_prefix(b"k8s\0")?)?;
+        let review = fields(field(&unknown, 2)?)?;
+        let spec = fields(field(&review, 2)?)?;
+        let mut out = json!({"spec": {}});
+        if let Some(r) = field(&spec, 1) {
+            let r = fields(r)?;
+            out["spec"]["resourceAttributes"] = json!({
+                "namespace": string(&r, 1), "verb": string(&r, 2), "group": string(&r, 3), "version": string(&r, 4),
+                "resource": string(&r, 5), "name": string(&r, 6), "subresource": string(&r, 7),
+            });
+        }
+        if let Some(n) = field(&spec, 2) {
+            let n = fields(n)?;
+            out["spec"]["nonResourceAttributes"] = json!({"path": string(&n, 1), "verb": string(&n, 2)});
+        }
+        Some(out)
+    }
 }
 
 /// resourceVersion + resourceVersionMatch of a LIST, as the API server reads them.
