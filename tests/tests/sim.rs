@@ -204,7 +204,7 @@ fn base64_decode(s: &str) -> Vec<u8> {
 
 /// A kube-rs watcher (what beamredir uses) on the default namespace's pods, run in the
 /// workstation namespace; every event as one line.
-fn kube_rs_watcher(cluster: &SimCluster, stop: Arc<AtomicBool>) -> (mpsc::Receiver<String>, std::thread::JoinHandle<()>) {
+fn kube_rs_watcher(cluster: &SimCluster, streaming: bool, stop: Arc<AtomicBool>) -> (mpsc::Receiver<String>, std::thread::JoinHandle<()>) {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
     let (tx, rx) = mpsc::channel();
@@ -217,7 +217,10 @@ fn kube_rs_watcher(cluster: &SimCluster, stop: Arc<AtomicBool>) -> (mpsc::Receiv
             let kubeconfig = kube::config::Kubeconfig::read_from(&kc).unwrap();
             let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
             let api: kube::Api<Pod> = kube::Api::namespaced(kube::Client::try_from(config).unwrap(), "default");
-            let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+            // streaming_lists(): the initial list as a watch (sendInitialEvents), ended by the
+            // initial-events-end bookmark.
+            let config = if streaming { watcher::Config::default().streaming_lists() } else { watcher::Config::default() };
+            let mut events = std::pin::pin!(watcher(api, config).default_backoff());
             let describe = |p: &Pod| format!("{} {}", p.metadata.name.as_deref().unwrap_or(""), p.metadata.uid.as_deref().unwrap_or(""));
             while !stop.load(Ordering::Relaxed) {
                 let line = match tokio::time::timeout(Duration::from_millis(200), events.next()).await {
@@ -281,9 +284,15 @@ fn watch_history_expires_with_410_bookmarks_carry_a_resource_version_and_clients
 
     // A kube-rs watcher, listed and watching.
     let stop = Arc::new(AtomicBool::new(false));
-    let (events, watcher) = kube_rs_watcher(&cluster, stop.clone());
+    let (events, watcher) = kube_rs_watcher(&cluster, false, stop.clone());
     let first = collect_until(&events, Duration::from_secs(30), |l| l.iter().any(|l| l == "initdone"));
     assert!(first.contains(&format!("initapply app-0 {old_uid}")), "{first:?}");
+    // kube-rs's streaming list (WatchList) ends its initial list on the server's bookmark.
+    let (streamed, streaming_watcher) = kube_rs_watcher(&cluster, true, stop.clone());
+    let lines = collect_until(&streamed, Duration::from_secs(30), |l| l.iter().any(|l| l == "initdone"));
+    assert_eq!(lines, ["init".to_string(), format!("initapply app-0 {old_uid}"), "initdone".to_string()]);
+    assert!(cluster.audit().iter().any(|a| a.starts_with("watch pods default/")), "streamed, not listed");
+    drop(streamed);
 
     // The API server goes away; meanwhile app-0 is replaced and etcd compacts.
     cluster.stop_api_server();
@@ -312,6 +321,7 @@ fn watch_history_expires_with_410_bookmarks_carry_a_resource_version_and_clients
     let after = collect_until(&events, Duration::from_secs(60), |l| l.iter().any(|l| l == &format!("initapply app-0 {new_uid}")));
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();
+    let _ = streaming_watcher.join();
     assert!(after.contains(&format!("initapply app-0 {new_uid}")), "{after:?}");
     let expired = after.iter().position(|l| l.starts_with("error") && l.contains("too old resource version") && l.contains("Expired"));
     assert!(expired.is_some(), "the watcher saw the 410: {after:?}");
@@ -429,6 +439,46 @@ spec:
     assert!(never.pod_ip.is_some());
     assert!(!never.container_statuses.unwrap()[0].ready);
     assert!(never.conditions.unwrap().iter().any(|c| c.type_ == "Ready" && c.status == "False"));
+    Ok(())
+}
+
+/// A container that exits is restarted in place (same sandbox, same IP), at once the first
+/// time and then after the kubelet's back-off, which kubectl shows as CrashLoopBackOff.
+#[test]
+fn crashed_containers_restart_in_place_with_back_off() -> Result<()> {
+    let manifest = r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: app, namespace: default}
+spec:
+  serviceName: app
+  replicas: 1
+  selector: {matchLabels: {app: app}}
+  template:
+    metadata: {labels: {app: app}}
+    spec:
+      containers:
+        - name: app
+          command: ["sh", "-c", "echo started >> \"$HOME/starts\"; sleep 1; exit 3"]
+"#;
+    let cluster = SimCluster::options().wait_ready(false).start(manifest)?;
+    let status = || cluster.pod("default", "app-0").and_then(|p| p.status);
+    wait_until("app-0 to be in CrashLoopBackOff", Duration::from_secs(30), || {
+        status().and_then(|s| s.container_statuses).is_some_and(|cs| {
+            cs[0].restart_count >= 1 && cs[0].state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff")
+        })
+    })?;
+    let st = status().unwrap();
+    let cs = &st.container_statuses.clone().unwrap()[0];
+    let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()).context("lastState.terminated")?;
+    assert_eq!((last.exit_code, last.reason.as_deref()), (3, Some("Error")));
+    assert!(cs.state.as_ref().unwrap().waiting.as_ref().unwrap().message.as_deref().unwrap_or("").starts_with("back-off 10s restarting failed container=app pod=app-0_default("));
+    assert_eq!(st.phase.as_deref(), Some("Running"), "restartPolicy Always: still Running");
+    let starts = std::fs::read_to_string(cluster.pod_home("app-0").unwrap().join("starts"))?;
+    assert_eq!(starts.lines().count() as i32, cs.restart_count + 1, "the first restart came at once, in the same pod");
+    let out = run(cluster.kubectl(&cluster.kubeconfig).args(["get", "pods", "app-0", "--no-headers"]))?;
+    let cells: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+    assert_eq!(&cells[..3], ["app-0", "0/1", "CrashLoopBackOff"], "{cells:?}");
     Ok(())
 }
 

@@ -712,13 +712,18 @@ impl Kubelet {
                             container_id: Some(run.container_id.clone()),
                             ..Default::default()
                         });
-                        let backoff = Duration::from_secs(10u64.saturating_mul(1 << run.restarts.clamp(0, 5) as u64).min(300));
+                        // The kubelet's back-off: the first restart at once, then 10 s,
+                        // doubling, at most 5 min (CrashLoopBackOff meanwhile).
+                        let backoff = if run.restarts == 0 { Duration::ZERO } else { Duration::from_secs((10u64 << (run.restarts - 1).clamp(0, 5)).min(300)) };
                         run.retry_at = Some(now_i + backoff);
-                        run.waiting = Some((
-                            "CrashLoopBackOff".into(),
-                            format!("back-off {}s restarting failed container={} pod={name}_{ns}({})", backoff.as_secs(), c.name, pod.metadata.uid.as_deref().unwrap_or("")),
-                        ));
-                        run.restarts += 1;
+                        run.waiting = Some(if backoff.is_zero() {
+                            ("ContainerCreating".into(), String::new())
+                        } else {
+                            (
+                                "CrashLoopBackOff".into(),
+                                format!("back-off {}s restarting failed container={} pod={name}_{ns}({})", backoff.as_secs(), c.name, pod.metadata.uid.as_deref().unwrap_or("")),
+                            )
+                        });
                         run.ready = false;
                         run.successes = 0;
                         changed = true;
@@ -735,6 +740,10 @@ impl Kubelet {
                         }
                         Ok(env) => match self.start_container(pod, c, &netns_path, &env) {
                             Ok(p) => {
+                                // restartCount counts restarts done, not exits.
+                                if run.last_terminated.is_some() {
+                                    run.restarts += 1;
+                                }
                                 run.container_id = format!("containerd://{}", crate::cluster::pki::random_token().unwrap_or_default());
                                 run.process = Some(p);
                                 run.env = env;
