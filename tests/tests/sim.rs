@@ -663,7 +663,7 @@ fn delay_relay_adds_the_round_trip_time() -> Result<()> {
             }
             Ok(times)
         })??;
-        let slack = Duration::from_millis(60);
+        let slack = Duration::from_millis(100); // scheduling on a busy 2-core machine
         assert!(times[0] >= rtt * 2 && times[0] < rtt * 2 + slack, "rtt {rtt:?}: first exchange took {:?}", times[0]);
         for t in &times[1..] {
             assert!(*t >= rtt && *t < rtt + slack, "rtt {rtt:?}: later exchange took {t:?}");

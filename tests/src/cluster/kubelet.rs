@@ -80,20 +80,22 @@ pub enum IpAllocation {
 #[derive(Default)]
 struct Ipam {
     used: BTreeSet<u8>,
-    /// Addresses still held by a sandbox being torn down (not free yet).
-    held: BTreeSet<u8>,
+    /// Addresses still held by the lingering sandbox of a force-deleted pod: freed once that
+    /// pod's replacement has its own address.
+    held: BTreeMap<u8, (String, String)>,
     last: u8,
 }
 
 impl Ipam {
-    fn alloc(&mut self, how: IpAllocation) -> Option<u8> {
-        let free = |n: &u8| !self.used.contains(n) && !self.held.contains(n);
+    fn alloc(&mut self, how: IpAllocation, pod: &(String, String)) -> Option<u8> {
+        let free = |n: &u8| !self.used.contains(n) && !self.held.contains_key(n);
         let n = match how {
             IpAllocation::LowestFree => (2..=254).find(free),
             IpAllocation::RoundRobin => (self.last.max(9) + 1..=254).chain(2..=self.last.max(9)).find(free),
         }?;
         self.used.insert(n);
         self.last = n;
+        self.held.retain(|_, p| p != pod);
         Some(n)
     }
 }
@@ -492,7 +494,7 @@ impl Kubelet {
         let pod = self.store.get_pod(ns, name).context("pod vanished")?;
         let containers = pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default();
         anyhow::ensure!(!containers.is_empty(), "pod without containers");
-        let n = self.ipam.lock().unwrap().alloc(self.allocation).context("failed to allocate a pod IP: the node's range is exhausted")?;
+        let n = self.ipam.lock().unwrap().alloc(self.allocation, &key(ns, name)).context("failed to allocate a pod IP: the node's range is exhausted")?;
         let netns = match Netns::new("brk").and_then(|netns| self.plug(&netns, n).map(|_| netns)) {
             Ok(ns) => ns,
             Err(e) => {
@@ -860,7 +862,7 @@ impl Kubelet {
         let mut ipam = self.ipam.lock().unwrap();
         ipam.used.remove(&n);
         if linger {
-            ipam.held.insert(n);
+            ipam.held.insert(n, key(ns, name));
         }
         Some(n)
     }
@@ -907,9 +909,8 @@ impl Kubelet {
         let got = crate::wait_until(&format!("{taker}'s replacement to get an IP"), Duration::from_secs(60), || {
             self.store.get_pod(ns, taker).is_some_and(|p| p.metadata.uid != old_uid && p.status.and_then(|s| s.pod_ip).is_some())
         });
-        {
-            self.ipam.lock().unwrap().held.remove(&held);
-        }
+        // (Released when the replacement got its address; in case it never did:)
+        self.ipam.lock().unwrap().held.remove(&held);
         got?;
         Ok((taker_ip, freed_ip))
     }
@@ -1089,16 +1090,21 @@ mod tests {
     fn ipam_round_robin_and_lowest_free() {
         use super::{IpAllocation::*, Ipam};
         let mut ipam = Ipam::default();
-        let a: Vec<u8> = (0..3).map(|_| ipam.alloc(LowestFree).unwrap()).collect();
+        let p = ("default".to_string(), "p".to_string());
+        let a: Vec<u8> = (0..3).map(|_| ipam.alloc(LowestFree, &p).unwrap()).collect();
         assert_eq!(a, [2, 3, 4]);
         ipam.used.remove(&3);
-        assert_eq!(ipam.alloc(LowestFree), Some(3));
+        assert_eq!(ipam.alloc(LowestFree, &p), Some(3));
         ipam.used.remove(&3);
-        assert_eq!(ipam.alloc(RoundRobin), Some(10), "round-robin goes on after the last one (from 10)");
-        assert_eq!(ipam.alloc(RoundRobin), Some(11));
-        ipam.held.insert(5);
+        assert_eq!(ipam.alloc(RoundRobin, &p), Some(10), "round-robin goes on after the last one (from 10)");
+        assert_eq!(ipam.alloc(RoundRobin, &p), Some(11));
+        let q = ("default".to_string(), "q".to_string());
+        ipam.held.insert(2, q.clone());
+        ipam.used.remove(&2);
         ipam.used.extend(12..=254);
-        assert_eq!(ipam.alloc(RoundRobin), Some(3), "wraps, skipping used and held addresses");
+        assert_eq!(ipam.alloc(RoundRobin, &p), Some(3), "wraps, skipping used and held addresses");
+        assert_eq!(ipam.alloc(LowestFree, &q), Some(5));
+        assert_eq!(ipam.alloc(LowestFree, &p), Some(2), "q's held address is free once q has a new one");
     }
 
     #[test]

@@ -227,6 +227,8 @@ impl SimCluster {
                 let (ans, pns) = (Netns::new("brapi")?, Netns::new("brpx")?);
                 link(&ws, "eth0", "172.30.0.2/24", &pns, "ws0", &format!("{PROXY_ADDR}/24"))?;
                 link(&ans, "eth0", &format!("{API_ADDR}/24"), &pns, "api0", "172.31.0.1/24")?;
+                // The proxy's namespace routes nothing on its own: only tinyproxy crosses.
+                crate::run(pns.command("sysctl").args(["-qw", "net.ipv4.ip_forward=0"]))?;
                 let path = ans.path();
                 api_ns = Some(ans);
                 proxy_ns = Some(pns);
