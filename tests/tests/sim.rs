@@ -723,3 +723,39 @@ fn api_server_faults_hang_blackhole_stop_and_recover() -> Result<()> {
 }
 
 
+
+/// Hostile or malformed requests get a Status (400/404/410/422, as a real server answers
+/// them) and the server keeps serving.
+#[test]
+fn malformed_requests_get_statuses_and_the_server_keeps_serving() -> Result<()> {
+    let cluster = SimCluster::start(&sleepers(1))?;
+    let long_selector = format!("labelSelector={}", "a=b,".repeat(5000));
+    for (query, says) in [
+        ("/api/v1/namespaces/default/pods?resourceVersion=abc", "invalid resource version: abc"),
+        ("/api/v1/namespaces/default/pods?limit=1&continue=%25%25garbage", "continue key is not valid"),
+        ("/api/v1/namespaces/default/pods?resourceVersionMatch=Exact", "resourceVersionMatch is forbidden unless resourceVersion is provided"),
+        ("/api/v1/namespaces/default/pods?resourceVersion=1&resourceVersionMatch=Sometimes", "Unsupported value: \"Sometimes\""),
+        ("/api/v1/namespaces/default/pods?watch=1&sendInitialEvents=true", "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan"),
+        ("/api/v1/namespaces/default/pods?labelSelector=a%20in%20b", "unable to parse requirement"),
+        ("/api/v1/namespaces/default/pods?fieldSelector=spec.secret=1", "field label not supported: spec.secret"),
+        ("/api/v1/namespaces/default/pods/a/b/c/d/e/f", "the server could not find the requested resource"),
+        ("/api/v1/namespaces/default/widgets", "the server could not find the requested resource"),
+    ] {
+        let out = cluster.kubectl(&cluster.kubeconfig).args(["get", "--raw", query]).output()?;
+        assert!(!out.status.success() && text(&out).contains(says), "{query}: {}", text(&out));
+    }
+    let out = cluster.kubectl(&cluster.kubeconfig).args(["get", "--raw", &format!("/api/v1/namespaces/default/pods?{long_selector}")]).output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cluster.kubectl(&cluster.kubeconfig).args(["get", "--raw", "/api/v1/namespaces/default/pods?watch=1&timeoutSeconds=99999999999999999999999&resourceVersion=999999999"]).output()?;
+    assert!(text(&out).contains("Too large resource version: 999999999"), "{}", text(&out));
+    let garbage = cluster.dir.path().join("garbage.json");
+    std::fs::write(&garbage, "{\"spec\": [1, 2, {")?;
+    let out = cluster.kubectl(&cluster.kubeconfig).args(["create", "--raw", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", "-f", path(&garbage)]).output()?;
+    assert!(!out.status.success() && text(&out).contains("BadRequest"), "{}", text(&out));
+    std::fs::write(&garbage, vec![b'x'; 2 << 20])?;
+    let out = cluster.kubectl(&cluster.kubeconfig).args(["create", "--raw", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", "-f", path(&garbage)]).output()?;
+    assert!(!out.status.success() && text(&out).contains("Request entity too large"), "{}", text(&out));
+    let out = run(cluster.kubectl(&cluster.kubeconfig).args(["get", "pods", "--no-headers"]))?;
+    assert!(text(&out).starts_with("app-0"));
+    Ok(())
+}
