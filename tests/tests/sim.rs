@@ -297,7 +297,7 @@ fn watch_history_expires_with_410_bookmarks_carry_a_resource_version_and_clients
     // The API server goes away; meanwhile app-0 is replaced and etcd compacts.
     cluster.stop_api_server();
     cluster.delete_pod("app-0")?;
-    let new = cluster.wait_ready("default", "app-0", Duration::from_secs(60))?;
+    let new = cluster.wait_replaced("app-0", Some(&old_uid), Duration::from_secs(60))?;
     let new_uid = new.metadata.uid.unwrap();
     let compacted = cluster.compact_now();
     cluster.start_api_server()?;
@@ -353,8 +353,11 @@ fn freed_pod_ips_are_reused_by_other_pods() -> Result<()> {
     assert_eq!(IpAddr::V4(ip("app-1")), old0, "and app-1 app-0's");
     // A plain delete: the freed address is the lowest free one, so it comes straight back.
     let old2 = ip("app-2");
-    cluster.delete_pod("app-2")?;
-    wait_until("app-2 back", Duration::from_secs(30), || cluster.pod_ip("app-2").is_some_and(|i| i == old2) && cluster.pod("default", "app-2").and_then(|p| p.metadata.deletion_timestamp).is_none())?;
+    let old_uid = cluster.delete_pod("app-2")?.metadata.uid;
+    wait_until("app-2 back", Duration::from_secs(30), || {
+        cluster.pod("default", "app-2").is_some_and(|p| p.metadata.uid != old_uid && p.status.and_then(|s| s.pod_ip).is_some())
+    })?;
+    assert_eq!(ip("app-2"), old2);
     let out = run(cluster.kubectl(&cluster.kubeconfig).args(["get", "pods", "-o", "wide"]))?;
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     let row = table.lines().find(|l| l.starts_with("app-0")).unwrap_or_default();
@@ -479,6 +482,68 @@ spec:
     let out = run(cluster.kubectl(&cluster.kubeconfig).args(["get", "pods", "app-0", "--no-headers"]))?;
     let cells: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
     assert_eq!(&cells[..3], ["app-0", "0/1", "CrashLoopBackOff"], "{cells:?}");
+    Ok(())
+}
+
+/// Deleting a pod: Terminating (deletionTimestamp, SIGTERM) until its containers exit or the
+/// grace period ends, then gone and recreated; `--grace-period=0 --force` at once. Checked
+/// with kubectl delete (its DeleteOptions body, its wait on a watch).
+#[test]
+fn deleted_pods_terminate_gracefully_then_go() -> Result<()> {
+    let manifest = r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: app, namespace: default}
+spec:
+  serviceName: app
+  replicas: 1
+  selector: {matchLabels: {app: app}}
+  template:
+    metadata: {labels: {app: app}}
+    spec:
+      containers:
+        - name: app
+          command: ["sh", "-c", "trap 'echo term >> \"$HOME/log\"; sleep 1; exit 0' TERM; while :; do sleep 0.1; done"]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: stubborn, namespace: default}
+spec:
+  serviceName: stubborn
+  replicas: 1
+  selector: {matchLabels: {app: stubborn}}
+  template:
+    metadata: {labels: {app: stubborn}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+        - name: app
+          command: ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]
+"#;
+    let cluster = SimCluster::start(manifest)?;
+    let uid = |n: &str| cluster.pod("default", n).and_then(|p| p.metadata.uid);
+    let (old_uid, home) = (uid("app-0"), cluster.pod_home("app-0").unwrap());
+    run(cluster.kubectl(&cluster.kubeconfig).args(["delete", "pod", "app-0", "--wait=false"]))?;
+    let out = run(cluster.kubectl(&cluster.kubeconfig).args(["get", "pod", "app-0", "--no-headers"]))?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().nth(2), Some("Terminating"), "{}", text(&out));
+    let pod = cluster.pod("default", "app-0").unwrap();
+    assert_eq!((pod.metadata.uid.clone(), pod.metadata.deletion_grace_period_seconds), (old_uid.clone(), Some(30)));
+    assert!(pod.status.unwrap().pod_ip.is_some(), "a terminating pod keeps its IP");
+    wait_until("app-0 replaced", Duration::from_secs(20), || uid("app-0").is_some_and(|u| Some(u) != old_uid))?;
+    assert_eq!(std::fs::read_to_string(home.join("log"))?.trim(), "term", "SIGTERM, and the trap ran");
+
+    // SIGTERM ignored: killed when the grace period (2 s) ends; kubectl waits for it.
+    let t = Instant::now();
+    run(cluster.kubectl(&cluster.kubeconfig).args(["delete", "pod", "stubborn-0"]))?;
+    assert!(t.elapsed() >= Duration::from_secs(2) && t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+
+    // Forced: gone at once.
+    let old = uid("app-0");
+    cluster.wait_ready("default", "app-0", Duration::from_secs(20))?;
+    let t = Instant::now();
+    run(cluster.kubectl(&cluster.kubeconfig).args(["delete", "pod", "app-0", "--grace-period=0", "--force"]))?;
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(uid("app-0") != old, "the old object is gone");
     Ok(())
 }
 

@@ -450,10 +450,20 @@ async fn serve(state: &Arc<ApiState>, req: Request<Incoming>, user: &User, gv: &
             Some(p) => json_response(StatusCode::OK, &pod_json(&p)),
             None => not_found("pods", name),
         },
-        ("v1", "pods", "", "delete") => match state.kubelet.delete_pod(ns.unwrap_or_default(), name) {
-            Some(p) => json_response(StatusCode::OK, &pod_json(&p)),
-            None => not_found("pods", name),
-        },
+        ("v1", "pods", "", "delete") => {
+            // DeleteOptions.gracePeriodSeconds, from the query or the body (kubectl sends a body).
+            let mut grace = query.get("gracePeriodSeconds").and_then(|g| g.parse::<i64>().ok());
+            match read_body(req).await {
+                Ok(body) if !body.is_empty() => {
+                    if let Some(g) = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["gracePeriodSeconds"].as_i64()) {
+                        grace = Some(g);
+                    }
+                }
+                Ok(_) => {}
+                Err(r) => return r,
+            }
+            delete_pod(state, ns.unwrap_or_default(), name, grace)
+        }
         ("v1", "pods", "portforward", "get" | "create") => {
             if *state.hang.borrow() == Hang::PortForward {
                 state.wait_unhung(&[Hang::PortForward]).await;
@@ -494,6 +504,13 @@ async fn serve(state: &Arc<ApiState>, req: Request<Incoming>, user: &User, gv: &
             status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource", Some(json!({})))
         }
         _ => status(404, "NotFound", "the server could not find the requested resource", Some(json!({}))),
+    }
+}
+
+fn delete_pod(state: &ApiState, ns: &str, name: &str, grace: Option<i64>) -> Response<Body> {
+    match state.kubelet.delete_pod_with(ns, name, grace.map(|g| g.max(0))) {
+        Some(p) => json_response(StatusCode::OK, &pod_json(&p)),
+        None => not_found("pods", name),
     }
 }
 

@@ -731,7 +731,8 @@ impl Kubelet {
                         changed = true;
                     }
                 }
-                if run.process.is_none() && run.retry_at.is_some_and(|t| now_i >= t) {
+                // A terminating pod's containers are not (re)started.
+                if run.process.is_none() && pod.metadata.deletion_timestamp.is_none() && run.retry_at.is_some_and(|t| now_i >= t) {
                     match self.env_for(pod, c) {
                         Err(msg) => {
                             run.retry_at = Some(now_i + Duration::from_secs(1));
@@ -867,15 +868,74 @@ impl Kubelet {
         Some(n)
     }
 
-    /// Deletes a pod like the API does: marked terminating, killed, removed; its StatefulSet
-    /// then recreates it (with a new uid, and an address the IPAM picks).
-    pub fn delete_pod(self: &Arc<Self>, ns: &str, name: &str) -> Option<Pod> {
-        let pod = self.store.update_pod(ns, name, |p| p.metadata.deletion_timestamp = Some(now()))?;
-        self.teardown(ns, name, false);
-        self.store.delete_pod(ns, name);
+    /// Deletes a pod like the API does: with a grace period (`grace`, else the pod's
+    /// terminationGracePeriodSeconds, else 30 s) the pod is marked terminating
+    /// (deletionTimestamp, a MODIFIED event) and its containers get SIGTERM; once they have all
+    /// exited, or the period is over (then SIGKILL), the sandbox goes and the object is
+    /// removed (DELETED). Grace 0 (a force delete) does all of it at once. Its StatefulSet then
+    /// recreates it (with a new uid, and an address the IPAM picks). Returns the pod as the
+    /// DELETE call answers it.
+    pub fn delete_pod_with(self: &Arc<Self>, ns: &str, name: &str, grace: Option<i64>) -> Option<Pod> {
+        let current = self.store.get_pod(ns, name)?;
+        if current.metadata.deletion_timestamp.is_some() && grace != Some(0) {
+            return Some(current); // already terminating
+        }
+        let grace = grace.or_else(|| current.spec.as_ref()?.termination_grace_period_seconds).unwrap_or(30).clamp(0, 3600);
+        let uid = current.metadata.uid.clone();
+        let pod = self.store.update_pod_if(ns, name, |p| {
+            if p.metadata.uid != uid {
+                return false;
+            }
+            let t = now();
+            p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t.0 + std::time::Duration::from_secs(grace as u64)));
+            p.metadata.deletion_grace_period_seconds = Some(grace);
+            true
+        })?;
         self.update_cluster_dns();
-        self.reconcile();
+        let finish = {
+            let (ns, name) = (ns.to_string(), name.to_string());
+            move |k: &Arc<Kubelet>| {
+                k.teardown(&ns, &name, false);
+                if k.store.get_pod(&ns, &name).is_some_and(|p| p.metadata.uid == uid) {
+                    k.store.delete_pod(&ns, &name);
+                }
+                k.update_cluster_dns();
+                k.reconcile();
+            }
+        };
+        if grace == 0 {
+            finish(self);
+            return Some(pod);
+        }
+        let pids: Vec<i32> = {
+            let running = self.running.lock().unwrap();
+            running.get(&key(ns, name)).map(|r| r.containers.iter().filter_map(|c| c.process.as_ref()).map(|p| p.0.id() as i32).collect()).unwrap_or_default()
+        };
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        let kubelet = self.clone();
+        let (ns2, name2) = (ns.to_string(), name.to_string());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(grace as u64);
+            while Instant::now() < deadline && !kubelet.stopping.load(Ordering::Relaxed) {
+                let all_gone = {
+                    let mut running = kubelet.running.lock().unwrap();
+                    running.get_mut(&key(&ns2, &name2)).is_none_or(|r| r.containers.iter_mut().all(|c| c.process.as_mut().is_none_or(|p| !matches!(p.0.try_wait(), Ok(None)))))
+                };
+                if all_gone {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            finish(&kubelet);
+        });
         Some(pod)
+    }
+
+    /// Deletes a pod with its grace period (see [`Kubelet::delete_pod_with`]).
+    pub fn delete_pod(self: &Arc<Self>, ns: &str, name: &str) -> Option<Pod> {
+        self.delete_pod_with(ns, name, None)
     }
 
     /// Makes pod `taker`'s replacement get pod `freed`'s address, deterministically, the way

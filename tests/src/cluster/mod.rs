@@ -365,6 +365,15 @@ impl SimCluster {
         Ok(pod)
     }
 
+    /// Waits until pod `name` (in `default`) is a new one (not uid `old_uid`), Running and
+    /// Ready; returns it.
+    pub fn wait_replaced(&self, name: &str, old_uid: Option<&str>, timeout: Duration) -> Result<Pod> {
+        wait_until(&format!("pod {name} to be replaced and Ready"), timeout, || {
+            self.pod("default", name).is_some_and(|p| p.metadata.uid.as_deref() != old_uid && Self::is_ready(&p))
+        })?;
+        self.pod("default", name).context("pod vanished")
+    }
+
     /// Waits until a pod (in `default`) is Running but not Ready; returns it.
     pub fn wait_not_ready(&self, name: &str, timeout: Duration) -> Result<Pod> {
         wait_until(&format!("pod {name} to be Running and not Ready"), timeout, || {
@@ -373,9 +382,17 @@ impl SimCluster {
         self.pod("default", name).context("pod vanished")
     }
 
-    /// Deletes a pod; its StatefulSet recreates it (address per the IPAM). Returns the old pod.
+    /// Deletes a pod as `kubectl delete pod` does: Terminating (SIGTERM) for at most its grace
+    /// period, then gone; its StatefulSet recreates it (address per the IPAM). Returns the pod
+    /// as the DELETE answered it (with its deletionTimestamp).
     pub fn delete_pod(&self, name: &str) -> Result<Pod> {
         self.kubelet.delete_pod("default", name).with_context(|| format!("no pod {name}"))
+    }
+
+    /// `kubectl delete pod --grace-period=0 --force`: the object goes at once, processes are
+    /// killed.
+    pub fn force_delete_pod(&self, name: &str) -> Result<Pod> {
+        self.kubelet.delete_pod_with("default", name, Some(0)).with_context(|| format!("no pod {name}"))
     }
 
     /// Makes `taker`'s replacement get `freed`'s address (needs `IpAllocation::LowestFree`;
