@@ -419,4 +419,14 @@ mod tests {
         assert!(store.watch_from(now - 1).is_err() && store.watch_from(now).is_ok());
         assert!(matches!(store.watch_from(now + 5), Err(RvError::TooLarge(..))));
     }
+
+    #[test]
+    fn events_older_than_the_age_window_are_compacted() {
+        let store = Store::with_window(HistoryWindow::Age(Duration::from_millis(100)));
+        let rv: u64 = store.put_pod(pod("a")).metadata.resource_version.unwrap().parse().unwrap();
+        assert!(store.watch_from(rv - 1).is_ok(), "young enough");
+        crate::wait_until("the event to age out", Duration::from_secs(5), || store.watch_from(rv - 1).is_err()).unwrap();
+        assert_eq!(store.oldest_resumable(), rv);
+        assert_eq!(store.list_pods_at(None, rv).unwrap().len(), 1, "the compacted state is still listable at its version");
+    }
 }
