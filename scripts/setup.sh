@@ -6,8 +6,9 @@ set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-# Debian packages used by the tests and the demo (real Erlang/Elixir peers, netns, bpftool).
-DEB_PACKAGES=(erlang-base erlang-crypto elixir iproute2 util-linux bpftool iptables python3 socat)
+# Debian packages used by the tests and the demo (real Erlang/Elixir peers, netns, bpftool,
+# tinyproxy: the HTTP CONNECT proxy in front of the simulated API server).
+DEB_PACKAGES=(erlang-base erlang-crypto elixir iproute2 util-linux bpftool iptables python3 socat tinyproxy)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -21,6 +22,10 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The tests run their own tinyproxy inside a test namespace; none should serve the host.
+  if [[ " ${missing[*]} " == *" tinyproxy "* ]] && command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now tinyproxy >/dev/null 2>&1 || true
+  fi
 fi
 
 # eBPF build: nightly + rust-src (for -Z build-std=core).

@@ -427,6 +427,121 @@ fn copy_half(mut from: TcpStream, mut to: TcpStream, stats: &RelayStats) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
+/// A TCP relay that adds latency, for a link this kernel cannot slow down (no netem, no fq):
+/// 127.0.0.1:port in `listen_ns` → `target` dialled inside `target_ns`. Every chunk is held
+/// for RTT/2 in its direction, and the client's first bytes one RTT more (standing in for the
+/// TCP handshake a real link would cost). With RTT 0 it is a plain relay. Used for the
+/// simulated API server and by benchmarks.
+pub struct DelayRelay {
+    pub port: u16,
+    pub rtt: Duration,
+    pub stats: Arc<RelayStats>,
+    stop: Arc<AtomicBool>,
+    listen_ns: PathBuf,
+}
+
+impl DelayRelay {
+    pub fn start(listen_ns: &Netns, target_ns: &Path, target: std::net::SocketAddr, rtt: Duration) -> Result<Self> {
+        let listener = listen_ns.in_ns(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))??;
+        let port = listener.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(RelayStats::default());
+        let (stop2, stats2, target_ns) = (stop.clone(), stats.clone(), target_ns.to_path_buf());
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                stats2.connections.fetch_add(1, Ordering::Relaxed);
+                let (target_ns, stats) = (target_ns.clone(), stats2.clone());
+                thread::spawn(move || {
+                    let upstream = File::open(&target_ns)
+                        .and_then(|f| nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from))
+                        .and_then(|_| TcpStream::connect_timeout(&target, Duration::from_secs(30)));
+                    let Ok(upstream) = upstream else { return };
+                    let _ = client.set_nodelay(true);
+                    let _ = upstream.set_nodelay(true);
+                    let (c2, u2) = (client.try_clone(), upstream.try_clone());
+                    let (Ok(c2), Ok(u2)) = (c2, u2) else { return };
+                    let s2 = stats.clone();
+                    let t = thread::spawn(move || delayed_copy(c2, u2, rtt / 2, rtt, &s2));
+                    delayed_copy(upstream, client, rtt / 2, Duration::ZERO, &stats);
+                    let _ = t.join();
+                });
+            }
+        });
+        Ok(DelayRelay { port, rtt, stats, stop, listen_ns: listen_ns.path() })
+    }
+
+    pub fn addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.port)
+    }
+}
+
+impl Drop for DelayRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (path, port) = (self.listen_ns.clone(), self.port);
+        let _ = thread::spawn(move || {
+            if nix::sched::setns(File::open(path)?, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, port));
+            }
+            Ok::<_, io::Error>(())
+        })
+        .join();
+    }
+}
+
+/// Copies `from` → `to`, each chunk delivered `delay` after it was read (the first one
+/// `first_extra` later still); EOF passes on as a half-close, after the same delay.
+fn delayed_copy(mut from: TcpStream, mut to: TcpStream, delay: Duration, first_extra: Duration, stats: &RelayStats) {
+    // Bounded: at most 256 chunks (16 MiB) in flight per direction.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Option<Vec<u8>>)>(256);
+    let writer_from = from.try_clone().ok();
+    let writer = thread::spawn(move || {
+        while let Ok((due, chunk)) = rx.recv() {
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+            match chunk {
+                Some(c) => {
+                    if to.write_all(&c).is_err() {
+                        // The far side is gone: stop reading too.
+                        if let Some(f) = &writer_from {
+                            let _ = f.shutdown(Shutdown::Read);
+                        }
+                        return;
+                    }
+                }
+                None => break,
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut extra = first_extra;
+    let mut last_due = Instant::now();
+    loop {
+        let n = from.read(&mut buf).unwrap_or(0);
+        // Never deliver out of order, whatever the clock does.
+        let due = (Instant::now() + delay + extra).max(last_due);
+        extra = Duration::ZERO;
+        last_due = due;
+        if n == 0 {
+            let _ = tx.send((due, None));
+            break;
+        }
+        stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        if tx.send((due, Some(buf[..n].to_vec()))).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+}
+
 /// The whole bed for one test: a pod running `app@IP`, a workstation namespace with no route
 /// to it, relays for epmd and the distribution port, and a private beamredir state dir.
 pub struct TestBed {

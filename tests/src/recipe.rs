@@ -34,7 +34,7 @@ pub struct PortForward {
 impl PortForward {
     /// Starts the forward and waits until kubectl listens on every local port.
     pub fn start(cluster: &SimCluster, pod: &str, ports: &[(u16, u16)], env: &[(&str, &str)]) -> Result<Self> {
-        let mut cmd = cluster.kubectl();
+        let mut cmd = cluster.kubectl(&cluster.kubeconfig);
         cmd.args(["port-forward", &format!("pod/{pod}")]).args(ports.iter().map(|(l, p)| format!("{l}:{p}")));
         cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().context("starting kubectl port-forward")?;

@@ -14,6 +14,12 @@ pub struct Pki {
 
 impl Pki {
     pub fn generate() -> Result<Self> {
+        Self::generate_for(&[])
+    }
+
+    /// As [`Pki::generate`], with more names (IP addresses or DNS names) in the server
+    /// certificate, for an API server that listens elsewhere than 127.0.0.1.
+    pub fn generate_for(extra_names: &[String]) -> Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -24,7 +30,9 @@ impl Pki {
         let issuer = Issuer::from_params(&ca_params, &ca_key);
 
         let server_key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string(), "kubernetes.default.svc".to_string()])?;
+        let mut names = vec!["127.0.0.1".to_string(), "localhost".to_string(), "kubernetes.default.svc".to_string()];
+        names.extend(extra_names.iter().cloned());
+        let mut params = CertificateParams::new(names)?;
         params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let server_cert = params.signed_by(&server_key, &issuer)?;
@@ -47,34 +55,25 @@ pub fn random_token() -> Result<String> {
 /// Writes a kubeconfig for the simulated cluster: context `sim` (namespace `default`), plus a
 /// context `sim-badtoken` with a wrong token (for 401 tests).
 pub fn write_kubeconfig(path: &Path, url: &str, ca_pem: &str, token: &str) -> Result<()> {
+    write_kubeconfig_with(path, url, ca_pem, None, &[("sim", "sim-admin", token), ("sim-badtoken", "sim-intruder", "not-the-token")])
+}
+
+/// Writes a kubeconfig with one context per (context, user, token), the first current; with
+/// `proxy_url`, the cluster entry carries `proxy-url` (kubectl, client-go and the Python
+/// client then connect through that HTTP CONNECT proxy).
+pub fn write_kubeconfig_with(path: &Path, url: &str, ca_pem: &str, proxy_url: Option<&str>, contexts: &[(&str, &str, &str)]) -> Result<()> {
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
-    let text = format!(
-        "apiVersion: v1
-kind: Config
-current-context: sim
-clusters:
-- name: sim
-  cluster:
-    server: {url}
-    certificate-authority-data: {ca}
-contexts:
-- name: sim
-  context:
-    cluster: sim
-    user: sim-admin
-    namespace: default
-- name: sim-badtoken
-  context:
-    cluster: sim
-    user: sim-intruder
-users:
-- name: sim-admin
-  user:
-    token: {token}
-- name: sim-intruder
-  user:
-    token: not-the-token
-"
+    let proxy = proxy_url.map(|p| format!("\n    proxy-url: {p}")).unwrap_or_default();
+    let mut text = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: {}\nclusters:\n- name: sim\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}{proxy}\ncontexts:\n",
+        contexts.first().map(|c| c.0).unwrap_or("sim")
     );
+    for (ctx, user, _) in contexts {
+        text.push_str(&format!("- name: {ctx}\n  context:\n    cluster: sim\n    user: {user}\n    namespace: default\n"));
+    }
+    text.push_str("users:\n");
+    for (_, user, token) in contexts {
+        text.push_str(&format!("- name: {user}\n  user:\n    token: {token}\n"));
+    }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
