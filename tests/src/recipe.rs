@@ -208,8 +208,9 @@ impl KubectlRecipe {
     /// what a new connection through it gets, and whether kubectl ends after that (within
     /// `wait` again). kubectl's forward is bound to the deleted pod: it never reaches the new one.
     pub fn delete_pod_and_watch(&mut self, cluster: &SimCluster, wait: Duration) -> Result<AfterPodDeleted> {
-        cluster.delete_pod(&self.pod)?;
-        let new_pod = cluster.wait_ready("default", &self.pod, Duration::from_secs(90))?;
+        let old = cluster.delete_pod(&self.pod)?;
+        // Deletion is graceful: the old pod stays until its node stops; wait for the new one.
+        let new_pod = cluster.wait_replaced(&self.pod, old.metadata.uid.as_deref(), Duration::from_secs(90))?;
         let new_pod_ip = new_pod.status.and_then(|s| s.pod_ip).and_then(|ip| ip.parse().ok());
         let forward = self.forward();
         let exited_by_itself = forward.wait_exit(wait).is_some();

@@ -286,7 +286,10 @@ fn every_bad_kubernetes_input_gets_one_clear_line_and_leaves_nothing() -> Result
     )?;
     cluster.allow_all();
     cluster.forbid("create", "pods/portforward");
-    check(&["--pod".into(), "app-0".into()], "forbidden (403): you may not get and create pods/portforward in namespace \"default\"")?;
+    check(
+        &["--pod".into(), "app-0".into()],
+        "forbidden (403): you may not create pods/portforward in namespace \"default\" (pods \"app-0\" is forbidden: User \"sim-admin\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"default\"); grant it with a Role rule {apiGroups: [\"\"], resources: [\"pods/portforward\"], verbs: [\"get\", \"create\"]}",
+    )?;
     cluster.allow_all();
     Ok(())
 }

@@ -63,6 +63,7 @@ mod tests {
             epmd_port: 4369,
             epmdless: false,
             dist_port: None,
+            tls_dist: false,
             spec_node_name: None,
             hostname: hostname.map(String::from),
             subdomain: subdomain.map(String::from),

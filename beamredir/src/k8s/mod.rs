@@ -9,6 +9,7 @@
 //! * [`env`]: a container's environment and command line as the kubelet builds them;
 //! * [`dns`]: the cluster DNS names of a pod, for every naming scheme;
 //! * [`portforward`]: port-forward streams through the API server;
+//! * [`secrets`]: reading a Secret or ConfigMap key (the cookie);
 //! * [`authz`], [`error`]: what went wrong, and what to grant.
 pub mod authz;
 pub mod client;
@@ -20,6 +21,7 @@ pub mod lookup;
 pub mod plugins;
 pub mod pod;
 pub mod portforward;
+pub mod secrets;
 
 pub use config::{Cluster, KubeArgs};
 pub use error::K8sError;

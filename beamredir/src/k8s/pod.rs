@@ -65,6 +65,8 @@ pub struct PodTarget {
     /// the distribution port must come from the spec or a flag, and no epmd is probed.
     pub epmdless: bool,
     pub dist_port: Option<(u16, PortSource)>,
+    /// The spec starts the node with TLS distribution (`-proto_dist inet_tls`).
+    pub tls_dist: bool,
     /// The node's name as the spec gives it (`-name`/`-sname`/`RELEASE_NODE`), when it can be
     /// read; the node itself is asked later (see [`crate::erlang`]).
     pub spec_node_name: Option<String>,
@@ -131,6 +133,7 @@ impl PodTarget {
             epmd_port,
             epmdless,
             dist_port,
+            tls_dist: flag_value(&words, &["-proto_dist"]).is_some_and(|p| p.contains("tls")),
             spec_node_name: spec_node_name(&vars, &words, pod),
             hostname: pod.spec.as_ref().and_then(|s| s.hostname.clone()),
             subdomain: pod.spec.as_ref().and_then(|s| s.subdomain.clone()),

@@ -353,6 +353,23 @@ where
     result
 }
 
+/// A byte stream to `pod` port `port` through a port-forward: the relay runs in a task, and the
+/// returned end behaves like a TCP connection to the pod's port (for probes and rpc, which
+/// talk to the pod from this process rather than from a local node).
+pub async fn stream(cluster: &Cluster, pod: &str, port: u16, timeout: Duration) -> Result<tokio::io::DuplexStream, K8sError> {
+    let conn = open(cluster, pod, port, timeout).await?;
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (ns, pod) = (cluster.namespace.clone(), pod.to_string());
+    tokio::spawn(async move {
+        match relay(conn, theirs, port, Arc::new(ConnStats::default())).await {
+            Ok(Ended::PodError(e)) => log::debug!("pod {ns}/{pod} port {port}: {}", e.trim()),
+            Err(e) => log::debug!("pod {ns}/{pod} port {port}: {e}"),
+            Ok(Ended::Closed) => {}
+        }
+    });
+    Ok(ours)
+}
+
 /// Asks the pod's epmd for its registered nodes (NAMES_REQ) through a port-forward. This
 /// checks the whole path (API server, permission to port-forward, the pod's epmd) in one round
 /// trip, and tells which distribution port each node listens on. The answer is read with the

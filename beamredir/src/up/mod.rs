@@ -13,6 +13,7 @@
 //! table ([`table`]).
 pub mod banner;
 pub mod carrier;
+pub mod discover;
 pub mod publish;
 pub mod reconciler;
 pub mod table;

@@ -13,10 +13,10 @@ use std::{
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::{Semaphore, watch};
 
-use super::{PodSource, Up, carrier::carrier};
+use super::{PodSource, Up, carrier::carrier, discover::discover};
 use crate::{
     forward::registry::FamilyKey,
-    k8s::{K8sError, pod::PodTarget, portforward},
+    k8s::{K8sError, pod::PodTarget},
 };
 
 /// What a watch or a (re)list said about a pod.
@@ -208,7 +208,8 @@ async fn reconcile(
         return Ok(());
     }
     let _permit = bringup.acquire().await.expect("never closed");
-    let (ports, nodes) = probe(up, &target).await?;
+    let found = discover(&up.cluster, &target, &up.config.limits, true).await?;
+    let (ports, nodes) = (found.ports.clone(), found.names(&target));
     let families: BTreeSet<FamilyKey> = target.ips.iter().map(FamilyKey::of_ip).collect();
     for port in &ports {
         let is_epmd = *port == target.epmd_port && !target.epmdless;
@@ -240,6 +241,11 @@ async fn reconcile(
             .map(|e| e.last_ips.clone())
             .filter(|ips| !ips.is_empty());
         table.set_up(name, target.clone(), ports, nodes, Instant::now());
+        let entry = table.entry(name);
+        entry.dist = found.nodes;
+        if let Observation::Present(pod) = observation {
+            entry.object = Some(pod.clone());
+        }
         before
     };
     up.publisher.publish().await;
@@ -273,65 +279,6 @@ fn take_down(up: &Up, name: &str, why: String) {
         );
     }
     table.set_down(name, why);
-}
-
-/// The ports a pod needs forwarded and its node names: the epmd port and the distribution
-/// port from the spec, plus every port the pod's epmd lists. Without a distribution port from
-/// the spec, epmd must answer; with one, epmd is best effort (and skipped for epmd-less nodes).
-async fn probe(up: &Up, target: &PodTarget) -> Result<(BTreeSet<u16>, Vec<String>), K8sError> {
-    let limits = &up.config.limits;
-    let mut ports = BTreeSet::new();
-    if let Some((p, _)) = target.dist_port {
-        ports.insert(p);
-    }
-    let nodes: Vec<String> = target.spec_node_name.iter().cloned().collect();
-    if target.epmdless {
-        if ports.is_empty() {
-            return Err(K8sError::NoDistPort {
-                name: target.name.clone(),
-                namespace: target.namespace.clone(),
-            });
-        }
-        return Ok((ports, nodes));
-    }
-    ports.insert(target.epmd_port);
-    let timeout = limits.upgrade_timeout() + Duration::from_secs(10);
-    match portforward::epmd_names(&up.cluster, &target.name, target.epmd_port, timeout).await {
-        Ok(registered) => {
-            if registered.len() > limits.max_ports_per_pod {
-                log::warn!(
-                    "pod {}/{}: its epmd lists {} nodes; forwarding the first {} (--max-ports-per-pod)",
-                    target.namespace,
-                    target.name,
-                    registered.len(),
-                    limits.max_ports_per_pod
-                );
-            }
-            ports.extend(
-                registered
-                    .iter()
-                    .take(limits.max_ports_per_pod.saturating_sub(1))
-                    .map(|(_, p)| *p),
-            );
-            if ports.len() == 1 {
-                return Err(K8sError::NoDistPort {
-                    name: target.name.clone(),
-                    namespace: target.namespace.clone(),
-                });
-            }
-        }
-        // Without permission nothing else will work either: that is an error, always.
-        Err(e @ (K8sError::Forbidden { .. } | K8sError::Unauthorized { .. })) => return Err(e),
-        Err(e) if target.dist_port.is_some() => {
-            log::warn!(
-                "{e}; going on with distribution port {} from {}",
-                target.dist_port.unwrap().0,
-                target.dist_port.unwrap().1.describe()
-            );
-        }
-        Err(e) => return Err(e),
-    }
-    Ok((ports, nodes))
 }
 
 /// A distribution port epmd just told a local node about: make sure it has a forward and a

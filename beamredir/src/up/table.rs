@@ -7,6 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use k8s_openapi::api::core::v1::Pod;
+
+use super::discover::DistNode;
 use crate::{
     forward::registry::FamilyKey,
     k8s::{dns::host_entries, pod::PodTarget},
@@ -33,6 +36,10 @@ pub struct PodEntry {
     pub last_ips: Vec<IpAddr>,
     /// Exact node names on the pod (from the node itself where it was asked).
     pub nodes: Vec<String>,
+    /// The Erlang nodes behind the distribution ports, as discovered.
+    pub dist: Vec<DistNode>,
+    /// The pod object the target was read from (its spec holds the cookie's source).
+    pub object: Option<Box<Pod>>,
 }
 
 /// Every pod of the session, by name.
@@ -202,6 +209,7 @@ mod tests {
             epmd_port: 4369,
             epmdless: false,
             dist_port: None,
+            tls_dist: false,
             spec_node_name: None,
             hostname: Some(name.into()),
             subdomain: Some("app".into()),
