@@ -19,7 +19,7 @@ use beamredir::{
         root::{Listeners, Refusal, check_hosts},
     },
     session::{
-        ActiveSession, Scope, SessionClaim, SessionOptions, SessionRecord, SessionStatus, StateDir,
+        ActiveSession, DEFAULT_SESSION, Scope, SessionClaim, SessionOptions, SessionRecord, SessionStatus, StateDir,
         control::{self, Request},
         runas::{self, Identity},
     },
@@ -141,7 +141,7 @@ pub fn map(state: StateDir, args: MapArgs, verbose: u8, quiet: bool) -> Result<i
     let runtime = super::runtime()?;
     let result = runtime.block_on(async {
         let signals = Signals::take()?;
-        let claim = SessionClaim::take(state, &args.scope.session)?;
+        let claim = SessionClaim::take(state, &args.scope.name(|| DEFAULT_SESSION.to_string()))?;
         let session = claim.start(SessionOptions {
             scope: args.scope.request(),
             mappings: args.mappings,

@@ -4,9 +4,11 @@
 //! * [`host`]: serving a running session (signals, control socket, the command, the network
 //!   part's requests) — shared by `map` and `up`;
 //! * [`up`]: the root part of `up`: claim the name, start the network part, start the session;
+//! * [`shell`]: `remsh`, `observer`, `rpc`: from a pod name to the right node;
 //! * [`admin`]: `exec`, `shell`, `status`, `down`, `doctor`.
 mod admin;
 mod host;
+mod shell;
 mod up;
 
 use std::{io::Write, path::PathBuf, time::Duration};
@@ -15,7 +17,7 @@ use anyhow::{Result, bail};
 use beamredir::{
     k8s::KubeArgs,
     mapping::{self, Mapping},
-    session::{DEFAULT_SESSION, DEFAULT_STATE_DIR, StateDir, active::ScopeRequest},
+    session::{DEFAULT_STATE_DIR, StateDir, active::ScopeRequest},
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -50,6 +52,22 @@ pub enum Command {
         sudo beamredir up --kubeconfig ~/.kube/kind.yaml --pod app-0 --dist-port 9000\n\n\
         The network part (kubeconfig, credential plugins, API server, pods) runs as you, not as root.")]
     Up(UpArgs),
+    /// A remote shell on a pod's node: its exact name from the node, the cookie from the pod's Secret, iex or erl as the node runs.
+    #[command(after_help = "Examples:\n  \
+        sudo beamredir remsh app-0\n  \
+        sudo beamredir remsh --statefulset app --ordinal 2 -n shop\n  \
+        sudo beamredir remsh app-0 --cookie-file ~/.config/app.cookie -- -proto_dist inet_tls -ssl_dist_optfile tls.conf")]
+    Remsh(shell::ShellArgs),
+    /// Evaluate an Erlang (or --elixir) expression on a pod's node and print the result; exit 0 on success.
+    #[command(after_help = "Examples:\n  \
+        beamredir rpc app-0 'erlang:memory(total).'\n  \
+        beamredir rpc --statefulset app --ordinal 1 --elixir 'Application.started_applications()'\n\n\
+        Exit codes: 0 the value was printed, 1 the expression raised, 2 it does not parse, 3 it could not reach the node.\n\
+        rpc needs no root: it talks to the node over a port-forward, as you.")]
+    Rpc(shell::RpcArgs),
+    /// A local observer (Debian: erlang-observer) connected to a pod's node.
+    #[command(after_help = "Example:\n  sudo beamredir observer app-0")]
+    Observer(shell::ShellArgs),
     /// Redirect pod IP:port to local forwards you already run (e.g. kubectl port-forward).
     #[command(after_help = "Examples:\n  \
         kubectl port-forward pod/app-0 14369:4369 15555:5555 &\n  \
@@ -90,9 +108,9 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct ScopeArgs {
-    /// Session name (also the name of its cgroup, /beamredir/NAME).
-    #[arg(long, short = 's', default_value = DEFAULT_SESSION)]
-    pub session: String,
+    /// Session name (also the name of its cgroup, /beamredir/NAME) [default: "default"; for remsh/observer one of their own].
+    #[arg(long, short = 's')]
+    pub session: Option<String>,
     /// Redirect every process on the machine (attach at the root cgroup).
     #[arg(long, conflicts_with = "cgroup")]
     pub global: bool,
@@ -105,6 +123,11 @@ pub struct ScopeArgs {
 }
 
 impl ScopeArgs {
+    /// The session's name: the one given, else `default`.
+    pub fn name(&self, default: impl FnOnce() -> String) -> String {
+        self.session.clone().unwrap_or_else(default)
+    }
+
     pub fn request(&self) -> ScopeRequest {
         match (&self.cgroup, self.global) {
             (Some(path), _) => ScopeRequest::Existing(path.clone()),
@@ -173,7 +196,7 @@ pub struct LimitArgs {
 }
 
 /// `15s`, `500ms`, `2m`, or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map(|i| s.split_at(i))
@@ -335,6 +358,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             up::up(state, args, cli.verbose, quiet)
         }
         Command::NetworkPart => up::network_part(),
+        Command::Remsh(args) => {
+            require_root("remsh")?;
+            shell::shell(state, beamredir::up::connect::ShellKind::Remsh, args, cli.verbose, quiet)
+        }
+        Command::Observer(args) => {
+            require_root("observer")?;
+            shell::shell(state, beamredir::up::connect::ShellKind::Observer, args, cli.verbose, quiet)
+        }
+        Command::Rpc(args) => shell::rpc(args),
         Command::Reaper { session, pid } => Ok(beamredir::session::reaper::run(&state, &session, pid)),
         Command::Exec(args) => {
             require_root("exec")?;

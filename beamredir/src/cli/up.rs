@@ -38,44 +38,61 @@ fn strip_kind(s: &str, kinds: &[&str]) -> String {
         .to_string()
 }
 
-fn net_config(args: &UpArgs) -> NetConfig {
-    let source = match (&args.statefulset, &args.selector, &args.service) {
-        (Some(sts), _, _) => {
-            PodSource::StatefulSet(strip_kind(sts, &["statefulset/", "statefulsets/", "sts/"]))
-        }
+/// What a session with a network part is asked to do: `up`, `remsh`, `observer`.
+pub struct SessionRequest {
+    pub config: NetConfig,
+    pub scope: super::ScopeArgs,
+    /// The session's name.
+    pub session: String,
+    /// `-- CMD` (for `up`; `remsh`/`observer` get theirs from the network part).
+    pub command: Vec<String>,
+}
+
+/// The pods a command names: `--pod` names, or a StatefulSet, a label selector, a Service.
+pub fn pod_source(pods: &[String], statefulset: &Option<String>, selector: &Option<String>, service: &Option<String>) -> PodSource {
+    match (statefulset, selector, service) {
+        (Some(sts), _, _) => PodSource::StatefulSet(strip_kind(sts, &["statefulset/", "statefulsets/", "sts/"])),
         (_, Some(sel), _) => PodSource::Selector(sel.clone()),
-        (_, _, Some(svc)) => {
-            PodSource::Service(strip_kind(svc, &["service/", "services/", "svc/"]))
-        }
-        _ => PodSource::Names(
-            args.pods
-                .iter()
-                .map(|p| strip_kind(p, &["pod/", "pods/", "po/"]))
-                .collect(),
-        ),
-    };
+        (_, _, Some(svc)) => PodSource::Service(strip_kind(svc, &["service/", "services/", "svc/"])),
+        _ => PodSource::Names(pods.iter().map(|p| strip_kind(p, &["pod/", "pods/", "po/"])).collect()),
+    }
+}
+
+pub fn limits(args: &super::LimitArgs, scope: &super::ScopeArgs) -> Limits {
+    Limits {
+        max_connections: args.max_connections as usize,
+        max_redirects: scope.max_redirects as usize,
+        max_ports_per_pod: args.max_ports_per_pod as usize,
+        upgrade_timeout_ms: args.upgrade_timeout.as_millis() as u64,
+        ..Limits::default()
+    }
+}
+
+fn net_config(args: &UpArgs) -> NetConfig {
     NetConfig {
         kube: args.kube.clone(),
-        source,
+        source: pod_source(&args.pods, &args.statefulset, &args.selector, &args.service),
         dist_port: args.dist_port,
         cluster_domain: args.cluster_domain.clone(),
-        limits: Limits {
-            max_connections: args.limits.max_connections as usize,
-            max_redirects: args.scope.max_redirects as usize,
-            max_ports_per_pod: args.limits.max_ports_per_pod as usize,
-            upgrade_timeout_ms: args.limits.upgrade_timeout.as_millis() as u64,
-            ..Limits::default()
-        },
+        limits: limits(&args.limits, &args.scope),
+        shell: None,
     }
 }
 
 pub fn up(state: StateDir, args: UpArgs, verbose: u8, quiet: bool) -> Result<i32> {
-    beamredir::session::validate_name(&args.scope.session)?;
-    if let Some(program) = args.command.first() {
+    let session = args.scope.name(|| beamredir::session::DEFAULT_SESSION.to_string());
+    let request = SessionRequest { config: net_config(&args), scope: args.scope, session, command: args.command };
+    run_session(state, request, verbose, quiet)
+}
+
+/// Claims the name, starts the network part, and serves the session it sets up.
+pub fn run_session(state: StateDir, request: SessionRequest, verbose: u8, quiet: bool) -> Result<i32> {
+    beamredir::session::validate_name(&request.session)?;
+    if let Some(program) = request.command.first() {
         runas::check_program(program)?;
     }
     let owner = owner_ids()?;
-    let claim = SessionClaim::take(state, &args.scope.session)?;
+    let claim = SessionClaim::take(state, &request.session)?;
     // On the main thread, before any other thread exists: the network part's parent-death
     // signal follows the thread that started it.
     let identity = Identity::invoking_user()?;
@@ -83,7 +100,7 @@ pub fn up(state: StateDir, args: UpArgs, verbose: u8, quiet: bool) -> Result<i32
     let child = spawn_network_part(theirs, identity.as_ref(), verbose)
         .map_err(|e| anyhow!("starting the network part: {e}"))?;
     let runtime = super::runtime()?;
-    let result = runtime.block_on(root_part(claim, ours, child, args, owner, verbose, quiet));
+    let result = runtime.block_on(root_part(claim, ours, child, request, owner, verbose, quiet));
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
 }
@@ -93,14 +110,14 @@ async fn root_part(
     claim: SessionClaim,
     fd: std::os::fd::OwnedFd,
     child: std::process::Child,
-    args: UpArgs,
+    request: SessionRequest,
     owner: (u32, u32),
     verbose: u8,
     quiet: bool,
 ) -> Result<i32> {
     let signals = Signals::take()?;
     let (link, incoming) = Link::<ToNet<NetConfig>, ToRoot>::start(Channel::new(fd)?);
-    let max_redirects = args.scope.max_redirects as usize;
+    let max_redirects = request.scope.max_redirects as usize;
     let mut net = NetPart {
         link,
         incoming,
@@ -109,8 +126,7 @@ async fn root_part(
         child,
         max_redirects,
     };
-    let config = net_config(&args);
-    if let Err(e) = net.link.notify(ToNet::Config(Box::new(config))).await {
+    if let Err(e) = net.link.notify(ToNet::Config(Box::new(request.config.clone()))).await {
         net.stop().await;
         bail!("starting the network part: {e}");
     }
@@ -161,9 +177,9 @@ async fn root_part(
             }
         }
     };
-    let command = match (args.command.is_empty(), command) {
+    let command = match (request.command.is_empty(), command) {
         (false, _) => Some(SessionCommand {
-            argv: args.command.clone(),
+            argv: request.command.clone(),
             env: Vec::new(),
         }),
         (true, Some(c)) if !c.argv.is_empty() && c.argv.len() <= 1024 => Some(c),
@@ -188,9 +204,9 @@ async fn root_part(
         }
     };
     let session = match claim.start(SessionOptions {
-        scope: args.scope.request(),
+        scope: request.scope.request(),
         mappings,
-        load: load_options(verbose, args.scope.max_redirects),
+        load: load_options(verbose, request.scope.max_redirects),
         hosts,
         owner,
     }) {

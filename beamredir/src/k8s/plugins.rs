@@ -50,8 +50,9 @@ async fn login_shell_path() -> Option<String> {
 }
 
 /// The directories to search, in order: the login shell's PATH, this process's PATH, then
-/// `~/.local/bin`, `~/bin` and `/usr/local/bin`; no duplicates.
-async fn user_path() -> Vec<PathBuf> {
+/// `~/.local/bin`, `~/bin` and `/usr/local/bin`; no duplicates. (Also how the local `erl` and
+/// `iex` of `remsh`/`observer` are found.)
+pub async fn user_path() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     let mut add = |p: PathBuf| {
         if p.is_absolute() && !dirs.contains(&p) {
@@ -70,6 +71,11 @@ async fn user_path() -> Vec<PathBuf> {
     }
     add(PathBuf::from("/usr/local/bin"));
     dirs
+}
+
+/// A program as the user's shell would find it.
+pub fn find_in(dirs: &[PathBuf], program: &str) -> Option<PathBuf> {
+    dirs.iter().map(|d| d.join(program)).find(|p| executable(p))
 }
 
 fn executable(p: &Path) -> bool {

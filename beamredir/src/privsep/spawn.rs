@@ -37,6 +37,8 @@ const ENV_NAMES: &[&str] = &[
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
     "NO_COLOR",
+    "ERLANG_COOKIE",
+    "RELEASE_COOKIE",
 ];
 /// …and prefixes (cloud credential plugins: aws, gcloud/gke-gcloud-auth-plugin, az/kubelogin).
 const ENV_PREFIXES: &[&str] = &[
@@ -99,6 +101,30 @@ fn drop_all_capabilities() -> std::io::Result<()> {
         if libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
+    }
+    Ok(())
+}
+
+/// Becomes the invoking user (or, without one, root with no capabilities) for good: used by
+/// commands that only talk to the cluster (`rpc`), in their own process, before anything else
+/// runs. Call it while single-threaded.
+pub fn drop_privileges(identity: Option<&Identity>) -> std::io::Result<()> {
+    if let Some(id) = identity {
+        nix::unistd::setgroups(&id.groups)?;
+        nix::unistd::setgid(id.gid)?;
+        nix::unistd::setuid(id.uid)?;
+        // SAFETY: environment changes while single-threaded, before any other thread exists.
+        unsafe {
+            std::env::set_var("HOME", &id.home);
+            std::env::set_var("USER", &id.name);
+            std::env::set_var("LOGNAME", &id.name);
+            std::env::set_var("SHELL", &id.shell);
+        }
+    }
+    drop_all_capabilities()?;
+    // SAFETY: a plain prctl.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

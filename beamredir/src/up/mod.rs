@@ -13,9 +13,11 @@
 //! table ([`table`]).
 pub mod banner;
 pub mod carrier;
+pub mod connect;
 pub mod discover;
 pub mod publish;
 pub mod reconciler;
+pub mod rpc;
 pub mod table;
 pub mod watch;
 
@@ -101,6 +103,8 @@ pub struct NetConfig {
     /// For cluster DNS names (`cluster.local` unless told otherwise).
     pub cluster_domain: String,
     pub limits: Limits,
+    /// `remsh`/`observer`: the command the session runs is worked out here.
+    pub shell: Option<connect::ShellTask>,
 }
 
 /// The parts of a running `up`, shared by its tasks. Each part has one job; this only holds
@@ -114,6 +118,8 @@ pub struct Up {
     pub reconcilers: Reconcilers,
     /// Watches and timers, aborted when the network part stops.
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The local node's private cookie home (`remsh`/`observer`), removed when this part ends.
+    pub cookie_file: Mutex<Option<crate::erlang::cookie::CookieFile>>,
     started: AtomicBool,
     closed: AtomicBool,
 }
@@ -240,6 +246,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         table,
         registry,
         background: Mutex::new(Vec::new()),
+        cookie_file: Mutex::new(None),
         started: AtomicBool::new(false),
         closed: AtomicBool::new(false),
     });
@@ -298,15 +305,14 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
     for (name, e) in &failed {
         log::warn!("{e}; following pod {name} until it can be reached");
     }
+    let command = match &up.config.shell {
+        Some(task) => Some(connect::session_command(&up, task).await?),
+        None => None,
+    };
     let desired = up.publisher.desired();
+    let hints = if command.is_some() { String::new() } else { banner::hints(&up) };
     let session = root
-        .start(
-            desired.0.clone(),
-            Some(desired.1.clone()),
-            banner::pods(&up),
-            banner::hints(&up),
-            None,
-        )
+        .start(desired.0.clone(), Some(desired.1.clone()), banner::pods(&up), hints, command)
         .await
         .map_err(|e| e.to_string())?;
     up.registry.gate().open(session.peers);
@@ -353,5 +359,6 @@ async fn serve(up: Arc<Up>, root: &Root, mut from_root: FromRoot<NetConfig>) -> 
     for task in up.background.lock().unwrap().drain(..) {
         task.abort();
     }
+    up.cookie_file.lock().unwrap().take();
     0
 }
