@@ -2,14 +2,17 @@
 //! API server (given up early if the local side closes while the upgrade is pending), then the
 //! relay. The epmd forward also watches the epmd conversation to learn distribution ports
 //! before their answers reach the local node (see [`crate::erlang::epmd`]).
-use std::sync::{Arc, Mutex, Weak};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, Weak},
+};
 
 use tokio::net::TcpStream;
 
-use super::{Up, reconciler::learn_port};
+use super::Up;
 use crate::{
     erlang::epmd::{EpmdConversation, Event},
-    forward::Carrier,
+    forward::{Carrier, registry::FamilyKey},
     k8s::portforward::{self, Ended, Inspector},
 };
 
@@ -115,5 +118,65 @@ impl Inspector for EpmdWatcher {
                 });
             }
         }
+    }
+}
+
+/// A distribution port epmd just told a local node about: make sure it has a forward and a
+/// redirect before the answer is passed on.
+pub async fn learn_port(up: &Arc<Up>, pod: &str, node: &str, port: u16) {
+    if up.is_closed() {
+        return;
+    }
+    let (target, known) = {
+        let table = up.table.lock().unwrap();
+        let Some(entry) = table.get(pod) else { return };
+        let Some(target) = entry.target.clone() else {
+            return;
+        };
+        (target, entry.ports.clone())
+    };
+    if known.contains(&port) && up.registry.ports(pod).contains(&port) {
+        // Known; make sure the map says so too (a publication may be in flight).
+        up.publisher.publish().await;
+        return;
+    }
+    if known.len() >= up.config.limits.max_ports_per_pod {
+        log::warn!(
+            "pod {}/{pod}: epmd says node {node} listens on {port}, but the pod already has {} forwarded ports (--max-ports-per-pod)",
+            target.namespace,
+            known.len()
+        );
+        return;
+    }
+    let families: BTreeSet<FamilyKey> = target.ips.iter().map(FamilyKey::of_ip).collect();
+    let label = format!("pod {}/{pod} port {port} (dist)", target.namespace);
+    match up
+        .registry
+        .ensure(
+            pod,
+            port,
+            &families,
+            || carrier(up, pod, port, false),
+            label,
+        )
+        .await
+    {
+        Ok(()) => {
+            let added = {
+                let mut table = up.table.lock().unwrap();
+                let entry = table.entry(pod);
+                // Only for the incarnation we looked at.
+                entry.target.as_ref().is_some_and(|t| t.uid == target.uid)
+                    && entry.ports.insert(port)
+            };
+            up.publisher.publish().await;
+            if added {
+                log::info!(
+                    "pod {}/{pod}: epmd says node {node} listens on {port}; forwarding it",
+                    target.namespace
+                );
+            }
+        }
+        Err(e) => log::warn!("{e}"),
     }
 }
