@@ -115,6 +115,8 @@ pub struct Up {
     pub table: Arc<Mutex<PodTable>>,
     pub registry: Arc<ForwardRegistry<NetConfig>>,
     pub publisher: Publisher,
+    /// The root part, for progress while starting.
+    pub root: Root,
     pub reconcilers: Reconcilers,
     /// Watches and timers, aborted when the network part stops.
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -234,6 +236,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
     ));
     let table = Arc::new(Mutex::new(PodTable::default()));
     let up = Arc::new(Up {
+        root: root.clone(),
         publisher: Publisher::new(
             root.clone(),
             table.clone(),

@@ -265,7 +265,13 @@ async fn reconcile(
             super::table::ALIAS_TTL
         ),
         Some(_) => log::info!("pod {ns}/{name} was replaced; redirects updated"),
-        None => log::debug!("pod {ns}/{name} is up at {ips}"),
+        None => {
+            log::debug!("pod {ns}/{name} is up at {ips}");
+            if !up.is_started() {
+                let nodes = up.table.lock().unwrap().get(name).map(|e| e.nodes.join(", ")).unwrap_or_default();
+                up.root.progress(format!("pod {name} is up at {ips} ({nodes})")).await;
+            }
+        }
     }
     Ok(())
 }
