@@ -120,8 +120,9 @@ pub fn hints(up: &Up) -> String {
             "  The pod's node runs without epmd: the flags above make yours do the same.\n",
         );
     }
-    out.push_str("  The cookie: keep it out of the command line (any user can read that): ~/.erlang.cookie (mode 400),\n");
-    out.push_str("  or a mode-600 file holding `-setcookie COOKIE` given with -args_file FILE (iex: --erl \"-args_file FILE\").\n");
+    // -setcookie, --cookie, -args_file and ERL_FLAGS all end up in beam.smp's argv.
+    out.push_str("  The cookie: put it in ~/.erlang.cookie (mode 400), which the node reads by itself; -setcookie,\n");
+    out.push_str("  --cookie, -args_file and ERL_FLAGS all end up in the node's command line, which every local user can read.\n");
     let _ = writeln!(
         out,
         "  Or let beamredir find the name and the cookie: sudo beamredir remsh {name}"
