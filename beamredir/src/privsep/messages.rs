@@ -133,8 +133,22 @@ pub fn printable(text: &str, max: usize) -> String {
     out
 }
 
+/// As [`printable`], on one line: newlines become spaces too (a field of a table row, such as
+/// a pod name in `status`, must not be able to add rows).
+pub fn printable_line(text: &str, max: usize) -> String {
+    printable(&text.replace('\n', " "), max)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn printable_line_keeps_to_one_line() {
+        assert_eq!(
+            super::printable_line("app-0\nsession evil  running\r", 100),
+            "app-0 session evil  running"
+        );
+    }
+
     #[test]
     fn printable_strips_escapes_and_bounds() {
         assert_eq!(
