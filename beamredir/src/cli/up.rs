@@ -161,12 +161,20 @@ async fn root_part(
             }
         }
     };
+    // A command the network part asks for runs as the invoking user, never as root: when root
+    // itself runs beamredir (no sudo), the network part is uid 0 without capabilities, and
+    // running its command with the root part's full privileges would hand them back.
+    let runs_as_user = Identity::invoking_user().ok().flatten().is_some();
     let command = match (args.command.is_empty(), command) {
         (false, _) => Some(SessionCommand {
             argv: args.command.clone(),
             env: Vec::new(),
         }),
-        (true, Some(c)) if !c.argv.is_empty() && c.argv.len() <= 1024 => Some(c),
+        (true, Some(c)) if runs_as_user && !c.argv.is_empty() && c.argv.len() <= 1024 && c.env.len() <= 64 => Some(c),
+        (true, Some(_)) => {
+            log::warn!("not running the command the network part asked for: it would run as root");
+            None
+        }
         _ => None,
     };
     let checked = net
