@@ -120,8 +120,10 @@ pub fn hints(up: &Up) -> String {
             "  The pod's node runs without epmd: the flags above make yours do the same.\n",
         );
     }
-    out.push_str("  The cookie: keep it out of the command line (any user can read that): ~/.erlang.cookie (mode 400),\n");
-    out.push_str("  or a mode-600 file holding `-setcookie COOKIE` given with -args_file FILE (iex: --erl \"-args_file FILE\").\n");
+    // Not -args_file, --cookie, -setcookie or ERL_FLAGS: erlexec copies each into beam.smp's
+    // argv, which every local user can read in /proc/PID/cmdline.
+    out.push_str("  The cookie: keep it out of the command line (any user can read that): put it in ~/.erlang.cookie\n");
+    out.push_str("  (mode 400 or 600: `(umask 077; printf %s \"$COOKIE\" > ~/.erlang.cookie)`), or in DIR/.erlang.cookie with HOME=DIR.\n");
     let _ = writeln!(
         out,
         "  Or let beamredir find the name and the cookie: sudo beamredir remsh {name}"
