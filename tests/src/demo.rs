@@ -30,12 +30,21 @@ pub fn run() -> Result<()> {
          io:format(\"rpc:call('{node}', 'Elixir.System', version, []) -> ~p~n\", [rpc:call('{node}', 'Elixir.System', version, [])]), \
          halt()."
     );
-    println!("\n$ sudo beamredir up --pod app-0 -- erl -name debug@127.0.0.1 -setcookie secret -hidden -eval …");
+    // The cookie stays out of every command line (README): the local node reads it from
+    // $HOME/.erlang.cookie.
+    let home = TempDir::new("brdemo-home")?;
+    {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(home.path().join(".erlang.cookie"))?;
+        f.write_all(b"secret")?;
+    }
+    println!("\n$ (umask 077; printf %s \"$COOKIE\" > ~/.erlang.cookie)");
+    println!("$ sudo beamredir up --pod app-0 -- erl -name debug@127.0.0.1 -hidden -eval …");
     let out = cluster
         .beamredir(state.path())
         .args(["up", "--pod", "app-0", "--session", &crate::unique("demo"), "--"])
-        .args(["erl", "-name", "debug@127.0.0.1", "-setcookie", "secret", "-hidden", "-noshell", "-eval", &script])
-        .env("HOME", state.path())
+        .args(["erl", "-name", "debug@127.0.0.1", "-hidden", "-noshell", "-eval", &script])
+        .env("HOME", home.path())
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()?;

@@ -30,6 +30,14 @@ pub fn exec_in_session(state: &StateDir, session: &SessionArg, argv: Vec<String>
         Scope::Global => None,
         scope => Some(hierarchy.open_procs(scope.cgroup())?),
     };
+    // The open cgroup.procs belongs to that very cgroup, even if it is removed and another of
+    // the same name appears. So if the same session process still holds the name now, the
+    // cgroup opened is its: not a later session of the same name (perhaps another user's)
+    // that started between reading the record and opening the file.
+    let now = state.find_live(Some(&record.name), session.any_user)?;
+    if (now.pid, now.pid_start) != (record.pid, record.pid_start) {
+        bail!("session {:?} was restarted meanwhile; try again", record.name);
+    }
     let identity = Identity::invoking_user()?;
     let mut cmd = runas::command(&argv, join, identity.as_ref(), &session_env(&record))?;
     // exec replaces this process: a private cgroup2 mount (under `ip netns exec`) would be left

@@ -15,7 +15,7 @@ use beamredir::{
     mapping::Mapping,
     privsep::{
         channel::{Incoming, Link, LinkError},
-        messages::{ListenerId, NetStatus, SessionCommand, ToNet, ToRoot, printable},
+        messages::{ListenerId, NetStatus, SessionCommand, ToNet, ToRoot, printable, printable_line},
         root::{Listeners, Refusal, check_hosts},
     },
     session::{
@@ -293,21 +293,21 @@ fn merge_net_status(
         .into_iter()
         .take(MAX_STATUS_PODS)
         .map(|mut p| {
-            p.name = printable(&p.name, MAX_TEXT);
-            p.namespace = printable(&p.namespace, MAX_TEXT);
-            p.state = printable(&p.state, MAX_TEXT);
-            p.ip = p.ip.map(|i| printable(&i, 64));
+            p.name = printable_line(&p.name, MAX_TEXT);
+            p.namespace = printable_line(&p.namespace, MAX_TEXT);
+            p.state = printable_line(&p.state, MAX_TEXT);
+            p.ip = p.ip.map(|i| printable_line(&i, 64));
             p.ips = p
                 .ips
                 .into_iter()
                 .take(4)
-                .map(|i| printable(&i, 64))
+                .map(|i| printable_line(&i, 64))
                 .collect();
             p.nodes = p
                 .nodes
                 .into_iter()
                 .take(16)
-                .map(|n| printable(&n, MAX_TEXT))
+                .map(|n| printable_line(&n, MAX_TEXT))
                 .collect();
             p
         })

@@ -344,7 +344,35 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Marks every descriptor from `first` up close-on-exec: whatever beamredir inherited from
+/// the process that started it (sudo closes them; a root shell, a test harness or a service
+/// manager may not) must not pass on to the network part, which runs as the invoking user, or
+/// to the commands run in the session.
+fn no_inherited_fds(first: u32) {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes descriptor flags.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    if rc == 0 {
+        return;
+    }
+    // Kernels before 5.11: one by one.
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd >= first as i32)
+        .collect();
+    for fd in fds {
+        let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    }
+}
+
 pub fn run(cli: Cli) -> Result<i32> {
+    // The internal commands get their channel (or pipe) on fd 3 and mark it themselves.
+    match cli.command {
+        Command::NetworkPart | Command::Reaper { .. } => no_inherited_fds(4),
+        _ => no_inherited_fds(3),
+    }
     let state = StateDir::new(&cli.state_dir);
     let quiet = cli.quiet;
     match cli.command {
@@ -370,21 +398,32 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Reaper { session, pid } => Ok(beamredir::session::reaper::run(&state, &session, pid)),
         Command::Exec(args) => {
             require_root("exec")?;
+            state.verify()?;
             admin::exec_in_session(&state, &args.session, args.command)
         }
         Command::Shell(args) => {
             require_root("shell")?;
+            state.verify()?;
             admin::shell(&state, &args)
         }
-        Command::Status(args) => admin::status(
-            &state,
-            if args.json { Output::Json } else { args.output },
-            args.watch,
-        ),
+        Command::Status(args) => {
+            // Root acts on nothing it reads here, but prints it: the same rules as for acting.
+            state.verify()?;
+            admin::status(
+                &state,
+                if args.json { Output::Json } else { args.output },
+                args.watch,
+            )
+        }
         Command::Down(args) => {
             require_root("down")?;
+            state.verify()?;
             admin::down(&state, args.session.as_deref(), args.all, args.any_user)
         }
-        Command::Doctor => admin::doctor(&state),
+        Command::Doctor => {
+            // It may mount a private cgroup2 hierarchy inside the state directory.
+            state.verify()?;
+            admin::doctor(&state)
+        }
     }
 }

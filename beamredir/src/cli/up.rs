@@ -177,12 +177,15 @@ async fn root_part(
             }
         }
     };
+    // A command the network part works out (remsh, observer) runs as the invoking user. When
+    // root itself runs beamredir (no sudo), the user is root and so is the command; the network
+    // part is uid 0 then too (without capabilities), see docs/security.md.
     let command = match (request.command.is_empty(), command) {
         (false, _) => Some(SessionCommand {
             argv: request.command.clone(),
             env: Vec::new(),
         }),
-        (true, Some(c)) if !c.argv.is_empty() && c.argv.len() <= 1024 => Some(c),
+        (true, Some(c)) if !c.argv.is_empty() && c.argv.len() <= 1024 && c.env.len() <= 64 => Some(c),
         _ => None,
     };
     let checked = net

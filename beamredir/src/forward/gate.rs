@@ -86,19 +86,19 @@ impl Gate {
         *self.rule.lock().unwrap() = Some(rule);
     }
 
-    /// Checks the peer, then waits (briefly) for a connection slot. The permit frees the slot
-    /// when the connection ends.
-    pub async fn admit(
-        &self,
-        local: SocketAddr,
-        peer: SocketAddr,
-        label: &str,
-    ) -> Result<OwnedSemaphorePermit, Refused> {
-        if let Err(refused) = self.check_peer(local, peer) {
+    /// Checks the peer (one sock_diag round trip, no waiting): called in the accept loop
+    /// itself, so a refused connection costs no task and is closed before the next accept.
+    /// Counted and logged (once per peer uid) when refused.
+    pub fn check(&self, local: SocketAddr, peer: SocketAddr, label: &str) -> Result<(), Refused> {
+        self.check_peer(local, peer).inspect_err(|refused| {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            self.log_refusal(&refused, label);
-            return Err(refused);
-        }
+            self.log_refusal(refused, label);
+        })
+    }
+
+    /// Waits (briefly) for a connection slot, for a peer [`Gate::check`] admitted. The permit
+    /// frees the slot when the connection ends.
+    pub async fn slot(&self, label: &str) -> Result<OwnedSemaphorePermit, Refused> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }

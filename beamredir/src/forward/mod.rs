@@ -124,16 +124,18 @@ async fn accept_loop(
                 continue;
             }
         };
+        // The peer check first, here: a refused connection is closed before the next accept
+        // and costs no task, so a local flood cannot pile up work (or descriptors).
+        if gate.check(local, peer, &label).is_err() {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            drop(conn);
+            continue;
+        }
         let (stats, carrier, label, gate) =
             (stats.clone(), carrier.clone(), label.clone(), gate.clone());
         tokio::spawn(async move {
-            let permit = match gate.admit(local, peer, &label).await {
-                Ok(p) => p,
-                Err(gate::Refused::OverLimit { .. }) => return,
-                Err(_) => {
-                    stats.refused.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
+            let Ok(permit) = gate.slot(&label).await else {
+                return;
             };
             let _ = conn.set_nodelay(true);
             stats.total.fetch_add(1, Ordering::Relaxed);

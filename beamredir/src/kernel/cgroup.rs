@@ -67,6 +67,11 @@ impl Hierarchy {
     /// relative to the hierarchy root. Returns the root-relative form.
     pub fn resolve_existing(&self, given: &str) -> Result<String, CgroupError> {
         let as_path = Path::new(given);
+        // `..` could leave the hierarchy (a directory with a file named cgroup.procs is not a
+        // cgroup), and the record would not pass validation later.
+        if as_path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(CgroupError::NotFound(given.to_string()));
+        }
         let candidates = [
             as_path.strip_prefix(&self.mount_point).ok().map(|p| p.to_path_buf()),
             Some(PathBuf::from(given.trim_start_matches('/'))),

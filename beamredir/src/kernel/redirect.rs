@@ -217,6 +217,20 @@ impl Redirector {
         match self.apply(mappings) {
             Ok(()) => Ok(()),
             Err(e) => {
+                // `apply` stopped half-way. What it inserted for pod endpoints (and forwards)
+                // that `previous` lacks is not in `current`, so re-applying `previous` alone
+                // would leave those entries in the maps: redirects the record does not list,
+                // and that nothing removes when their forward closes. Remove them first.
+                let pods: BTreeSet<SocketAddr> = previous.iter().map(|m| m.pod).collect();
+                let locals: BTreeSet<SocketAddr> = previous.iter().map(|m| m.local).collect();
+                for m in mappings {
+                    if !pods.contains(&m.pod) {
+                        self.remove_entry(m);
+                    }
+                    if !locals.contains(&m.local) {
+                        self.remove_reverse(m.local);
+                    }
+                }
                 if let Err(undo) = self.apply(&previous) {
                     log::error!("restoring the redirect maps after a failed update: {undo}");
                 }
@@ -398,4 +412,35 @@ where
 {
     let map = ebpf.take_map(name).ok_or(RedirectError::Missing(name))?;
     T::try_from(map).map_err(|source| RedirectError::Map { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed update leaves the maps exactly as they were (needs root: it loads the programs).
+    #[test]
+    fn a_failed_update_leaves_no_entry_behind() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: loading eBPF programs needs root");
+            return;
+        }
+        let mut r = Redirector::load(LoadOptions {
+            max_redirects: 2,
+            ..LoadOptions::default()
+        })
+        .expect("load");
+        let m = |s: &str| -> Mapping { s.parse().unwrap() };
+        let a = m("10.244.250.1:4369=127.0.0.1:14001");
+        r.set(&[a]).unwrap();
+        // Three endpoints do not fit in two slots: the third fails after the second went in.
+        let more = [a, m("10.244.250.2:4369=127.0.0.1:14002"), m("10.244.250.3:4369=127.0.0.1:14003")];
+        assert!(matches!(r.set(&more), Err(RedirectError::Full(2))));
+        assert_eq!(r.mappings(), &[a]);
+        assert_eq!(r.entries(), BTreeMap::from([(a.pod, a.local)]));
+        // And the freed slot is usable again.
+        let b = more[1];
+        r.set(&[a, b]).unwrap();
+        assert_eq!(r.entries(), BTreeMap::from([(a.pod, a.local), (b.pod, b.local)]));
+    }
 }

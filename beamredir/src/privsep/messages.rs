@@ -116,11 +116,13 @@ pub enum ToNet<C> {
 }
 
 /// Printable text from the network part: no control characters but newlines (no terminal
-/// escapes from a hostile pod name), at most `max` bytes.
+/// escapes from a hostile pod name), no bidirectional overrides (which make a terminal show
+/// text in another order than it is), at most `max` bytes.
 pub fn printable(text: &str, max: usize) -> String {
+    let bidi = |c: char| matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
     let mut out: String = text
         .chars()
-        .filter(|c| *c == '\n' || !c.is_control())
+        .filter(|c| (*c == '\n' || !c.is_control()) && !bidi(*c))
         .collect();
     if out.len() > max {
         let mut cut = max;
@@ -133,8 +135,22 @@ pub fn printable(text: &str, max: usize) -> String {
     out
 }
 
+/// As [`printable`], on one line: newlines become spaces too (a field of a table row, such as
+/// a pod name in `status`, must not be able to add rows).
+pub fn printable_line(text: &str, max: usize) -> String {
+    printable(&text.replace('\n', " "), max)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn printable_line_keeps_to_one_line() {
+        assert_eq!(
+            super::printable_line("app-0\nsession evil  running\r", 100),
+            "app-0 session evil  running"
+        );
+    }
+
     #[test]
     fn printable_strips_escapes_and_bounds() {
         assert_eq!(
@@ -142,5 +158,6 @@ mod tests {
             "pod [31mred\nnext"
         );
         assert_eq!(super::printable("ééé", 3), "é…");
+        assert_eq!(super::printable("app-\u{202e}0-ppa\u{2066}", 100), "app-0-ppa");
     }
 }

@@ -33,7 +33,9 @@ pub enum Refusal {
     Duplicate(SocketAddr),
     #[error("{count} redirects asked for; the session holds at most {max} (--max-redirects)")]
     TooManyRedirects { count: usize, max: usize },
-    #[error("{max} listeners are open already (--max-redirects)")]
+    #[error(
+        "{max} listeners are open already (the bound is --max-redirects, or the root part's open-file limit less a reserve)"
+    )]
     TooManyListeners { max: usize },
     #[error("host names: {0}")]
     Hosts(String),
@@ -50,12 +52,21 @@ pub struct Listeners {
     max: usize,
 }
 
+/// Descriptors the root part keeps for its own work (control socket and its clients, record
+/// and DNS file writes, cgroup files, eBPF objects) whatever the network part asks for.
+const FD_RESERVE: u64 = 128;
+
 impl Listeners {
+    /// At most `max` listeners, and never so many that root runs out of descriptors for its
+    /// own work: each listener holds one in the root part.
     pub fn new(max: usize) -> Self {
+        let budget = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft.saturating_sub(FD_RESERVE).max(16))
+            .unwrap_or(u64::MAX);
         Listeners {
             next: 1,
             open: BTreeMap::new(),
-            max,
+            max: max.min(usize::try_from(budget).unwrap_or(usize::MAX)),
         }
     }
 

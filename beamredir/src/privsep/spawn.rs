@@ -72,15 +72,21 @@ struct CapData {
 }
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Drops every capability of the calling process (effective, permitted, inheritable, ambient,
-/// bounding). After `setuid` to a non-root user they are gone anyway; this also covers a
-/// network part that stays uid 0 (beamredir run by root without sudo).
-fn drop_all_capabilities() -> std::io::Result<()> {
-    // SAFETY: plain syscalls with valid arguments; async-signal-safe.
+/// Empties the bounding and ambient sets. Only while still root: dropping from the bounding
+/// set needs CAP_SETPCAP, which `setuid` to a non-root user takes away (the drops would then
+/// fail, and the bounding set stay full).
+fn drop_bounding_and_ambient() -> std::io::Result<()> {
+    // SAFETY: plain prctl calls with valid arguments; async-signal-safe.
     unsafe {
         for cap in 0..=63 {
-            // EINVAL past the last capability the kernel knows: fine.
-            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+            // EINVAL past the last capability the kernel knows: the end.
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    break;
+                }
+                return Err(e);
+            }
         }
         libc::prctl(
             libc::PR_CAP_AMBIENT,
@@ -89,6 +95,16 @@ fn drop_all_capabilities() -> std::io::Result<()> {
             0,
             0,
         );
+    }
+    Ok(())
+}
+
+/// Clears the effective, permitted and inheritable sets. After `setuid` to a non-root user
+/// they are empty anyway; this covers a network part that stays uid 0 (beamredir run by root
+/// without sudo).
+fn drop_all_capabilities() -> std::io::Result<()> {
+    // SAFETY: a plain syscall with valid arguments; async-signal-safe.
+    unsafe {
         let header = CapHeader {
             version: LINUX_CAPABILITY_VERSION_3,
             pid: 0,
@@ -177,6 +193,7 @@ pub fn spawn_network_part(
             } else if libc::dup2(fd, CHANNEL_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            drop_bounding_and_ambient()?;
             if let Some(id) = &identity {
                 nix::unistd::setgroups(&id.groups)?;
                 nix::unistd::setgid(id.gid)?;

@@ -62,6 +62,9 @@ impl SessionClaim {
     pub fn take(state: StateDir, name: &str) -> Result<Self, SessionError> {
         validate_name(name)?;
         state.ensure()?;
+        // A record of this very name that is not valid (forged, a symlink) is refused first, in
+        // one line; other names' invalid records are only reported by `clean_stale`.
+        state.load(name)?;
         let hierarchy = Hierarchy::open(&state.private_cgroup_mount())?;
         state.clean_stale(&hierarchy);
         let running = |state: &StateDir| {

@@ -91,12 +91,18 @@ pub fn validate_name(name: &str) -> Result<(), SessionError> {
     }
 }
 
-/// Who is asking: the user behind sudo (SUDO_UID), else the real uid.
+/// Who is asking: the user behind sudo (SUDO_UID), else the real uid. SUDO_UID counts only
+/// when the real uid is root (sudo set it): any other user could set it to 0 and pass for
+/// root (e.g. in `status`, which needs no root).
 pub fn invoking_uid() -> u32 {
+    let real = nix::unistd::getuid().as_raw();
+    if real != 0 {
+        return real;
+    }
     std::env::var("SUDO_UID")
         .ok()
         .and_then(|u| u.parse().ok())
-        .unwrap_or_else(|| nix::unistd::getuid().as_raw())
+        .unwrap_or(real)
 }
 
 /// Refuses to act on another user's session unless root itself (not a sudo user) asks for it

@@ -49,15 +49,8 @@ impl StateDir {
     /// not list them) and, as root, checks that it and every parent are trustworthy.
     pub fn ensure(&self) -> Result<(), SessionError> {
         let as_root = nix::unistd::geteuid().is_root();
-        if as_root {
-            // Check what exists before creating anything below it.
-            let existing = self
-                .root
-                .ancestors()
-                .find(|p| p.exists())
-                .unwrap_or(Path::new("/"));
-            check_trusted_chain(existing, existing == self.root)?;
-        }
+        // Check what exists before creating anything below it.
+        self.verify()?;
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o711)
@@ -67,6 +60,26 @@ impl StateDir {
             check_trusted_chain(&self.root, true)?;
         }
         Ok(())
+    }
+
+    /// As root, checks the directory (or, while it does not exist, its nearest existing parent)
+    /// and every parent: owned by root, writable by nobody else (see [`check_trusted_chain`]),
+    /// and no symbolic link on the way that anyone but root could change (see
+    /// [`check_links`]). Every root command that reads or writes the directory calls this
+    /// first, not only those that create sessions: `down`, `exec`, `shell` and `status` act on
+    /// the records they read (signal a pid, move processes, join a cgroup). As another user it
+    /// checks nothing: such a user cannot act on what they read.
+    pub fn verify(&self) -> Result<(), SessionError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(());
+        }
+        let absolute = std::path::absolute(&self.root).map_err(self.err())?;
+        check_links(&absolute)?;
+        let existing = absolute
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        check_trusted_chain(existing, existing == absolute)
     }
 
     /// The directory, opened without following a symlink.
@@ -290,7 +303,12 @@ impl StateDir {
             .filter_map(|n| match self.load(&n) {
                 Ok(r) => r,
                 Err(e) => {
-                    log::warn!("{e}");
+                    // Once per process: `down --all` lists twice (its targets, then the stale).
+                    static REPORTED: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+                        std::sync::Mutex::new(std::collections::BTreeSet::new());
+                    if REPORTED.lock().unwrap().insert(self.root.join(&n)) {
+                        log::warn!("{e}");
+                    }
                     None
                 }
             })
@@ -333,6 +351,33 @@ fn check_trusted_chain(path: &Path, is_state_dir: bool) -> Result<(), SessionErr
                 why,
             });
         }
+    }
+    Ok(())
+}
+
+/// Checks every symbolic link on the way to `path` (absolute; components that do not exist
+/// yet end the walk): it must be root's, in a directory nobody else may write (or a sticky
+/// one). [`check_trusted_chain`] checks the directories the path resolves to *now*; a link
+/// that its owner (or whoever may write its directory) can re-point would make later
+/// path-based opens land somewhere else.
+fn check_links(path: &Path) -> Result<(), SessionError> {
+    let mut prefix = PathBuf::new();
+    for component in path.components() {
+        prefix.push(component);
+        let Ok(meta) = fs::symlink_metadata(&prefix) else {
+            break;
+        };
+        if !meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.uid() != 0 {
+            return Err(SessionError::UntrustedStateDir {
+                path: path.to_path_buf(),
+                culprit: prefix,
+                why: format!("is a symbolic link owned by uid {}, not root", meta.uid()),
+            });
+        }
+        check_trusted_chain(prefix.parent().unwrap_or(Path::new("/")), false)?;
     }
     Ok(())
 }

@@ -120,9 +120,10 @@ pub fn hints(up: &Up) -> String {
             "  The pod's node runs without epmd: the flags above make yours do the same.\n",
         );
     }
-    // -setcookie, --cookie, -args_file and ERL_FLAGS all end up in beam.smp's argv.
-    out.push_str("  The cookie: put it in ~/.erlang.cookie (mode 400), which the node reads by itself; -setcookie,\n");
-    out.push_str("  --cookie, -args_file and ERL_FLAGS all end up in the node's command line, which every local user can read.\n");
+    // Not -args_file, --cookie, -setcookie or ERL_FLAGS: erlexec copies each into beam.smp's
+    // argv, which every local user can read in /proc/PID/cmdline.
+    out.push_str("  The cookie: keep it out of the command line (any user can read that): put it in ~/.erlang.cookie\n");
+    out.push_str("  (mode 400 or 600: `(umask 077; printf %s \"$COOKIE\" > ~/.erlang.cookie)`), or in DIR/.erlang.cookie with HOME=DIR.\n");
     let _ = writeln!(
         out,
         "  Or let beamredir find the name and the cookie: sudo beamredir remsh {name}"
