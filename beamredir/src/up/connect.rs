@@ -57,6 +57,13 @@ pub fn choose_node<'a>(pod: &str, nodes: &'a [DistNode], wanted: Option<&str>) -
     }
 }
 
+/// Checks `--node` against the name the node gave itself: an exact name (with `@`) must match
+/// exactly; a bare one (`--node worker`, as the flag's help allows) only the part before `@`.
+pub fn check_wanted(wanted: &str, actual: &str) -> Result<(), String> {
+    let bare = !wanted.contains('@') && actual.split('@').next() == Some(wanted);
+    if bare { Ok(()) } else { names::check_expected(wanted, actual).map_err(|e| e.to_string()) }
+}
+
 /// Works out the command the session runs for a `remsh`/`observer` task. The cookie file it
 /// creates is kept in `up` until the network part ends.
 pub async fn session_command(up: &Up, task: &ShellTask) -> Result<SessionCommand, String> {
@@ -73,7 +80,7 @@ pub async fn session_command(up: &Up, task: &ShellTask) -> Result<SessionCommand
     let node = choose_node(&pod_name, &entry.dist, task.node.as_deref())?;
     let name = match (node.name(), &task.node, &target.spec_node_name) {
         (Some(n), Some(w), _) => {
-            names::check_expected(w, n).map_err(|e| e.to_string())?;
+            check_wanted(w, n)?;
             n.to_string()
         }
         (Some(n), None, _) => n.to_string(),
@@ -148,4 +155,33 @@ fn observer_eval(node: &str) -> String {
          R = erlang:monitor(process, whereis(observer)), \
          receive {{'DOWN', R, _, _, _}} -> halt(0) end."
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::erlang::handshake::NodeIdentity;
+
+    fn node(port: u16, epmd: &str, name: &str) -> DistNode {
+        let identity = Ok(NodeIdentity { name: name.into(), flags: 0, creation: Some(1), protocol_version: 6 });
+        DistNode { port, epmd_name: Some(epmd.into()), identity, tls: false }
+    }
+
+    #[test]
+    fn node_by_exact_or_bare_name() {
+        let nodes = [node(1, "app", "app@10.0.0.1"), node(2, "worker", "worker@10.0.0.1")];
+        let e = choose_node("duo-0", &nodes, None).unwrap_err();
+        assert_eq!(e, "pod duo-0 runs several nodes (app@10.0.0.1, worker@10.0.0.1); pick one with --node NAME");
+        for wanted in ["worker", "worker@10.0.0.1"] {
+            let n = choose_node("duo-0", &nodes, Some(wanted)).unwrap();
+            assert_eq!(n.port, 2);
+            assert_eq!(check_wanted(wanted, n.name().unwrap()), Ok(()), "{wanted}");
+        }
+        // The right node by its epmd name, but not the host it calls itself.
+        let n = choose_node("duo-0", &nodes, Some("worker@10.9.9.9")).unwrap();
+        assert!(check_wanted("worker@10.9.9.9", n.name().unwrap()).unwrap_err().contains("calls itself worker@10.0.0.1, not worker@10.9.9.9"));
+        let e = choose_node("duo-0", &nodes, Some("nope")).unwrap_err();
+        assert_eq!(e, "pod duo-0 runs no node named nope (its nodes: app@10.0.0.1, worker@10.0.0.1); pick one with --node");
+        assert_eq!(choose_node("one-0", &nodes[..1], None).unwrap().port, 1);
+    }
 }
