@@ -138,8 +138,10 @@ pub async fn session_command(up: &Up, task: &ShellTask) -> Result<SessionCommand
 /// The local node's program for `observer`: connect, open observer on the node, stay until its
 /// window closes. OTP 26+ has `observer:start(Node)`; on OTP 25 observer only starts on the
 /// local node, and its Nodes menu lists visible connections only (a hidden node's are not), so
-/// its state (wx_object: `[Parent, #state{}, Module, Timeout]`, `node` the 10th and the active
-/// tab the 9th element of the record) is pointed at the remote node as that menu would.
+/// its state (wx_object: `[Parent, #state{}, Module, Timeout]`; in the record `frame` is the
+/// 2nd element, `status_bar` the 5th, the active tab the 9th, `node` the 10th) is pointed at the
+/// remote node as that menu would (`observer_wx:change_node_view/2`): the active tab, the window
+/// title and the status bar, so the window does not name the local node.
 fn observer_eval(node: &str) -> String {
     let atom = format!("'{}'", node.replace('\\', "\\\\").replace('\'', "\\'"));
     format!(
@@ -149,7 +151,9 @@ fn observer_eval(node: &str) -> String {
          case erlang:function_exported(observer, start, 1) of \
            true -> ok = observer:start(N); \
            false -> ok = observer:start(), \
-                    sys:replace_state(observer, fun([P, S, M, O]) -> T = element(9, S), T ! not_active, T ! {{active, N}}, [P, setelement(10, S, N), M, O] end) \
+                    sys:replace_state(observer, fun([P, S, M, O]) -> T = element(9, S), T ! not_active, T ! {{active, N}}, \
+                      Title = \"Observer - \" ++ atom_to_list(N), wxFrame:setTitle(element(2, S), Title), \
+                      wxStatusBar:setStatusText(element(5, S), Title), [P, setelement(10, S, N), M, O] end) \
          end, \
          io:format(\"observer connected to ~p~n\", [N]), \
          R = erlang:monitor(process, whereis(observer)), \
