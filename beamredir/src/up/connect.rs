@@ -146,12 +146,18 @@ fn observer_eval(node: &str) -> String {
     let atom = format!("'{}'", node.replace('\\', "\\\\").replace('\'', "\\'"));
     format!(
         "N = {atom}, \
-         case net_kernel:connect_node(N) of true -> ok; _ -> io:format(standard_error, \"beamredir: cannot connect to ~p~n\", [N]), halt(3) end, \
-         {{module, observer}} = code:ensure_loaded(observer), \
-         case erlang:function_exported(observer, start, 1) of \
-           true -> ok = observer:start(N); \
-           false -> ok = observer:start(), \
-                    sys:replace_state(observer, fun([P, S, M, O]) -> T = element(9, S), T ! not_active, T ! {{active, N}}, \
+         Fail = fun(Code, Format, Args) -> io:format(standard_error, \"beamredir: \" ++ Format ++ \"~n\", Args), halt(Code) end, \
+         case net_kernel:connect_node(N) of true -> ok; _ -> Fail(3, \"cannot connect to ~p\", [N]) end, \
+         case code:ensure_loaded(observer) of \
+           {{module, observer}} -> ok; \
+           _ -> Fail(4, \"observer is not installed with this Erlang (Debian: apt install erlang-observer)\", []) \
+         end, \
+         Remote = erlang:function_exported(observer, start, 1), \
+         Started = case Remote of true -> observer:start(N); false -> observer:start() end, \
+         case Started of ok -> ok; Error -> Fail(5, \"observer did not start (can this user open a window on DISPLAY?): ~0P\", [Error, 9]) end, \
+         case Remote of \
+           true -> ok; \
+           false -> sys:replace_state(observer, fun([P, S, M, O]) -> T = element(9, S), T ! not_active, T ! {{active, N}}, \
                       Title = \"Observer - \" ++ atom_to_list(N), wxFrame:setTitle(element(2, S), Title), \
                       wxStatusBar:setStatusText(element(5, S), Title), [P, setelement(10, S, N), M, O] end) \
          end, \
