@@ -1226,59 +1226,99 @@ fn several_nodes_on_one_pod_pick_one_with_node() -> Result<()> {
     Ok(())
 }
 
-/// A real X server of our own (Xvfb, no TCP) in the workstation namespace: (the server, its
-/// display `:N`).
-fn xvfb(cluster: &SimCluster) -> Result<(Proc, String)> {
-    let mut child = cluster
-        .ws
-        .command("Xvfb")
-        .args([
-            "-displayfd",
-            "1",
-            "-nolisten",
-            "tcp",
-            "-screen",
-            "0",
-            "1024x700x24",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting Xvfb (is xvfb installed? run scripts/setup.sh)")?;
-    let stdout = child.stdout.take().context("Xvfb's stdout")?;
-    let server = Proc(child);
-    // It writes the display it took once it listens.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .context("Xvfb did not say which display it took")?;
-    let n: u32 = line
-        .trim()
-        .parse()
-        .with_context(|| format!("Xvfb said {line:?} for its display"))?;
-    Ok((server, format!(":{n}")))
+/// A real X server of our own: Xvfb in the workstation namespace, no TCP, clients admitted
+/// only with its MIT-MAGIC-COOKIE-1 (as a desktop's X server does).
+struct X {
+    _server: Proc,
+    /// `:N`
+    display: String,
+    /// The client's authority file: `HOME/.Xauthority` of the home it was made for.
+    authority: PathBuf,
 }
 
-/// The window id of the window titled `title`, if there is one.
-fn window_id(cluster: &SimCluster, display: &str, title: &str) -> Option<String> {
-    let out = cluster
-        .ws
-        .command("xwininfo")
-        .args(["-display", display, "-name", title])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        l.trim()
-            .strip_prefix("xwininfo: Window id: ")
-            .and_then(|r| r.split_whitespace().next())
-            .map(String::from)
-    })
+impl X {
+    /// Starts the server; the client's cookie goes to `home/.Xauthority`, where Xlib looks
+    /// when `XAUTHORITY` is not set.
+    fn start(cluster: &SimCluster, home: &Path) -> Result<X> {
+        let mut bytes = [0u8; 16];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        // The server takes every cookie of its -auth file, whatever display it names.
+        let server_auth = home.join("xvfb.auth");
+        run(Command::new("xauth")
+            .arg("-f")
+            .arg(&server_auth)
+            .args(["add", ":0", ".", &hex]))?;
+        let mut child = cluster
+            .ws
+            .command("Xvfb")
+            .args([
+                "-displayfd",
+                "1",
+                "-nolisten",
+                "tcp",
+                "-screen",
+                "0",
+                "1024x700x24",
+                "-auth",
+            ])
+            .arg(&server_auth)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting Xvfb (is xvfb installed? run scripts/setup.sh)")?;
+        let stdout = child.stdout.take().context("Xvfb's stdout")?;
+        let server = Proc(child);
+        // It writes the display it took once it listens.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("Xvfb did not say which display it took")?;
+        let n: u32 = line
+            .trim()
+            .parse()
+            .with_context(|| format!("Xvfb said {line:?} for its display"))?;
+        let display = format!(":{n}");
+        let authority = home.join(".Xauthority");
+        run(Command::new("xauth")
+            .arg("-f")
+            .arg(&authority)
+            .args(["add", &display, ".", &hex]))?;
+        Ok(X {
+            _server: server,
+            display,
+            authority,
+        })
+    }
+
+    /// An X client in the workstation namespace, with the cookie.
+    fn client(&self, cluster: &SimCluster, program: &str) -> Command {
+        let mut cmd = cluster.ws.command(program);
+        cmd.args(["-display", &self.display])
+            .env("XAUTHORITY", &self.authority);
+        cmd
+    }
+
+    /// The id of the window titled `title`, if there is one.
+    fn window_id(&self, cluster: &SimCluster, title: &str) -> Option<String> {
+        let out = self
+            .client(cluster, "xwininfo")
+            .args(["-name", title])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            l.trim()
+                .strip_prefix("xwininfo: Window id: ")
+                .and_then(|r| r.split_whitespace().next())
+                .map(String::from)
+        })
+    }
 }
 
 /// Where the test keeps its screenshot: the workspace's target directory.
@@ -1319,12 +1359,17 @@ fn observer_under_xvfb_shows_the_pod_node() -> Result<()> {
     assert_eq!(rpc_value(&cluster, state.path(), "app-0", trace)?, "ok\n");
     let calls = "beamredir_test_calls ! {calls, self()}, receive {calls, Cs} -> lists:usort([F || {observer_backend, F} <- Cs]) after 5000 -> timeout end.";
 
-    let (_x, display) = xvfb(&cluster)?;
+    // Your HOME, with the X server's cookie in ~/.Xauthority and no XAUTHORITY (as after
+    // `ssh -X` or `startx`): the local node, whose HOME is a private one, must still find it.
+    let home = TempDir::new("brhome")?;
+    let x = X::start(&cluster, home.path())?;
     let log = state.path().join("observer.log");
     let child = cluster
         .beamredir(state.path())
         .args(["observer", "app-0"])
-        .env("DISPLAY", &display)
+        .env("DISPLAY", &x.display)
+        .env("HOME", home.path())
+        .env_remove("XAUTHORITY")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log)?)
         .stderr(std::fs::File::create(state.path().join("observer.err"))?)
@@ -1366,7 +1411,7 @@ fn observer_under_xvfb_shows_the_pod_node() -> Result<()> {
     let title = format!("Observer - {node}");
     let mut id = None;
     wait_until("the observer window", Duration::from_secs(30), || {
-        id = window_id(&cluster, &display, &title);
+        id = x.window_id(&cluster, &title);
         id.is_some()
     })?;
     let id = id.unwrap();
@@ -1374,10 +1419,9 @@ fn observer_under_xvfb_shows_the_pod_node() -> Result<()> {
     let dump = state.path().join("observer.xwd");
     let mut last = Vec::new();
     wait_until("the window to settle", Duration::from_secs(30), || {
-        let out = cluster
-            .ws
-            .command("xwd")
-            .args(["-silent", "-display", &display, "-id", &id])
+        let out = x
+            .client(&cluster, "xwd")
+            .args(["-silent", "-id", &id])
             .output();
         let Some(out) = out
             .ok()
@@ -1402,6 +1446,23 @@ fn observer_under_xvfb_shows_the_pod_node() -> Result<()> {
     wait_until("beamredir observer to end", Duration::from_secs(30), || {
         matches!(observer.0.try_wait(), Ok(Some(_)))
     })?;
+    // Without a display it can use, observer says so (and the session ends with it).
+    let out = Outcome::of(
+        cluster
+            .beamredir(state.path())
+            .args(["observer", "app-0"])
+            .env("DISPLAY", ":64999")
+            .env("HOME", home.path())
+            .stdin(Stdio::null())
+            .output()?,
+    );
+    assert_eq!(out.code, 5, "{out:#?}");
+    assert!(
+        out.stderr.contains(
+            "beamredir: observer did not start (can this user open a window on DISPLAY?): {error,"
+        ),
+        "{out:#?}"
+    );
     let left: Vec<_> = std::fs::read_dir(state.path())?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
