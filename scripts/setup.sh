@@ -7,8 +7,12 @@ set -euo pipefail
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 # Debian packages used by the tests and the demo (real Erlang/Elixir peers, netns, bpftool,
-# tinyproxy: the HTTP CONNECT proxy in front of the simulated API server).
-DEB_PACKAGES=(erlang-base erlang-crypto elixir iproute2 util-linux bpftool iptables python3 socat tinyproxy)
+# tinyproxy: the HTTP CONNECT proxy in front of the simulated API server). For `remsh`/`observer`
+# (tests/tests/connect.rs): erlang-ssl and openssl (TLS distribution with test certificates),
+# erlang-observer, xvfb (an X server with no screen) and xauth (its cookie), x11-utils (xwininfo),
+# x11-apps (xwd) and imagemagick (the screenshot as PNG).
+DEB_PACKAGES=(erlang-base erlang-crypto elixir iproute2 util-linux bpftool iptables python3 socat tinyproxy
+  erlang-ssl openssl erlang-observer xvfb xauth x11-utils x11-apps imagemagick)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do

@@ -2,12 +2,13 @@
 //! cluster runs docs/examples/statefulset.yaml (pod app-0, a real Elixir node with its own
 //! IP and epmd); the workstation namespace reaches only the API server. `beamredir up --pod
 //! app-0` port-forwards through the API server and redirects the pod IP, and a local `erl`
-//! pings and rpc-calls the pod node.
-use std::process::Stdio;
+//! pings and rpc-calls the pod node. Then the same with nothing to look up: `beamredir rpc
+//! app-0 EXPR` and `beamredir remsh app-0` (driven by a script: an expression, then out).
+use std::{process::Stdio, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 
-use crate::{TempDir, cluster::{EXAMPLE_MANIFEST, SimCluster}};
+use crate::{Interactive, TempDir, beamredir_bin, cluster::{EXAMPLE_MANIFEST, SimCluster}};
 
 /// Runs the demo, printing what happens; fails if the local node did not get through.
 pub fn run() -> Result<()> {
@@ -53,5 +54,48 @@ pub fn run() -> Result<()> {
     ensure!(out.status.success() && text.contains("-> pong"), "the local node did not reach {node}");
     println!("\nThe local node reached {node} through a WebSocket port-forward and the eBPF connect() redirect:");
     println!("no iptables, no route, only that session's processes redirected, nothing left behind.");
+
+    println!("\nNo node name and no cookie to look up: both come from the pod.");
+    for (shown, args) in [
+        ("beamredir rpc app-0 'node().'", vec!["rpc", "app-0", "node()."]),
+        ("beamredir rpc app-0 --elixir 'Enum.sum(1..10)'", vec!["rpc", "app-0", "--elixir", "Enum.sum(1..10)"]),
+    ] {
+        println!("\n$ {shown}");
+        let out = cluster.beamredir(state.path()).args(&args).stdin(Stdio::null()).output()?;
+        print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        ensure!(out.status.success(), "`{shown}` failed");
+    }
+    println!("\n$ sudo beamredir remsh app-0");
+    remsh(&cluster, &state, &node)?;
+    println!("\nbeamredir asked the node its name, read the cookie from the pod's spec into a private file");
+    println!("(never argv), and started iex hidden, with a name of its own, in a session of its own.");
+    Ok(())
+}
+
+/// `beamredir remsh app-0` under `script` (the remote shell wants a terminal), a user typing
+/// one expression, then leaving with Ctrl-G q.
+fn remsh(cluster: &SimCluster, state: &TempDir, node: &str) -> Result<()> {
+    let line = format!("'{}' remsh app-0", beamredir_bin().display());
+    let mut shell = Interactive::spawn(
+        cluster
+            .ws
+            .command("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("BEAMREDIR_STATE_DIR", state.path()),
+    )?;
+    let prompt = format!("iex({node})1>");
+    let answered = shell.expect(&prompt, Duration::from_secs(90)).and_then(|_| {
+        shell.send("{node(), System.get_env(\"HOSTNAME\"), System.version()}\n")?;
+        shell.expect("\"app-0\"", Duration::from_secs(30))?;
+        shell.send("\x07")?;
+        shell.expect("-->", Duration::from_secs(10))
+    });
+    print!("{}", shell.output());
+    answered?;
+    shell.send("q\n")?;
+    let code = shell.wait(Duration::from_secs(30))?;
+    println!();
+    ensure!(code == 0, "beamredir remsh exited with {code}");
     Ok(())
 }

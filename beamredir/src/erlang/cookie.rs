@@ -496,9 +496,11 @@ pub struct Owner {
     pub gid: u32,
 }
 
-/// Start-up files of the user's real home the local node still reads (linked into the private
-/// home): Erlang's `.erlang` and IEx's `.iex.exs`.
-const LINKED_DOTFILES: [&str; 2] = [".erlang", ".iex.exs"];
+/// Files of the user's real home the local node still reads (linked into the private home):
+/// Erlang's `.erlang`, IEx's `.iex.exs`, and `.Xauthority`, where Xlib looks for the X server's
+/// cookie when `XAUTHORITY` is not set (`ssh -X`, `startx`): without it `observer` could not
+/// open its window there.
+const LINKED_DOTFILES: [&str; 3] = [".erlang", ".iex.exs", ".Xauthority"];
 
 /// A private home directory holding `.erlang.cookie`, removed on drop. Run the local node with
 /// [`CookieFile::env`] (`HOME` and the XDG directories of the real home, so shell history and
@@ -811,6 +813,7 @@ mod tests {
         let real = parent.join("realhome");
         fs::create_dir_all(&real).unwrap();
         fs::write(real.join(".iex.exs"), "IO.puts 1").unwrap();
+        fs::write(real.join(".Xauthority"), "x").unwrap();
         let c = Cookie::new("abc def").unwrap();
         let f = CookieFile::create(&c, &parent, None, Some(&real)).unwrap();
         let dir = f.home().to_path_buf();
@@ -818,6 +821,7 @@ mod tests {
         assert_eq!(fs::metadata(f.path()).unwrap().permissions().mode() & 0o777, 0o400);
         assert_eq!(fs::read_to_string(f.path()).unwrap(), "abc def\n");
         assert_eq!(fs::read_link(dir.join(".iex.exs")).unwrap(), real.join(".iex.exs"));
+        assert_eq!(fs::read_link(dir.join(".Xauthority")).unwrap(), real.join(".Xauthority"));
         assert!(!dir.join(".erlang").exists());
         assert_eq!(f.env()[0], ("HOME".to_string(), dir.display().to_string()));
         // A second file never reuses or follows what is there.

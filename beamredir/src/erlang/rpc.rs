@@ -8,8 +8,11 @@
 //!
 //! An expression is evaluated by a fixed wrapper, scanned and parsed on the node
 //! (`erl_scan:string/1`, `erl_parse:parse_exprs/1`) and run with `erl_eval:exprs/2`. The
-//! wrapper parses and evaluates the user's text (embedded as a list of code points, so no
-//! quoting can break out), catches every exception, and formats on the node: `~tp` for Erlang,
+//! wrapper parses and evaluates the user's text, which it gets as a UTF-8 binary bound to its
+//! variable `BeamredirSource` (an `erl_eval` binding: never text that is parsed as part of the
+//! wrapper, so no quoting can break out, and the wrapper's syntax tree, which travels to this
+//! process and back, is the same for every expression, however long or nested; the user's
+//! own tree never leaves the node), catches every exception, and formats on the node: `~tp` for Erlang,
 //! `Kernel.inspect/2` (pretty) for Elixir, `erl_error:format_exception/4` and
 //! `Exception.format_banner/3` for errors. Only binaries come back, so nothing about the
 //! result's terms needs to be understood here.
@@ -199,8 +202,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RpcClient<S> {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
-        let wrapper = wrapper(language, source);
-        let (scanned, _) = self.call("erl_scan", "string", vec![Term::Chars(wrapper.into_bytes())], Output::Discard, left()).await?;
+        let wrapper = wrapper(language);
+        let (scanned, _) = self.call("erl_scan", "string", vec![Term::Chars(wrapper.as_bytes().to_vec())], Output::Discard, left()).await?;
         let tokens = match scanned.as_tuple() {
             Some([ok, tokens, _]) if ok.as_atom() == Some("ok") => tokens.clone(),
             _ => return Err(unexpected("erl_scan:string", &scanned)),
@@ -210,7 +213,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RpcClient<S> {
             Some([ok, exprs]) if ok.as_atom() == Some("ok") => exprs.clone(),
             _ => return Err(unexpected("erl_parse:parse_exprs", &parsed)),
         };
-        let (value, output) = self.call("erl_eval", "exprs", vec![exprs, Term::Nil], Output::Capture, left()).await?;
+        let bindings = Term::list(vec![Term::tuple(vec![Term::atom(SOURCE_VARIABLE), Term::Binary(source.as_bytes().to_vec())])]);
+        let (value, output) = self.call("erl_eval", "exprs", vec![exprs, bindings], Output::Capture, left()).await?;
         let result = match value.as_tuple() {
             Some([v, result, _]) if v.as_atom() == Some("value") => result,
             _ => return Err(unexpected("erl_eval:exprs", &value)),
@@ -263,21 +267,21 @@ fn clip(s: &str) -> String {
     out
 }
 
-/// The Erlang text of the wrapper for `source`, which it carries as a list of code points.
-pub fn wrapper(language: Language, source: &str) -> String {
-    let codepoints: Vec<String> = source.chars().map(|c| (c as u32).to_string()).collect();
-    let src = format!("[{}]", codepoints.join(","));
-    let body = match language {
+/// The wrapper's variable bound to the expression's text (a UTF-8 binary).
+pub const SOURCE_VARIABLE: &str = "BeamredirSource";
+
+/// The Erlang text of the wrapper; the expression is bound to [`SOURCE_VARIABLE`].
+pub fn wrapper(language: Language) -> &'static str {
+    match language {
         Language::Erlang => ERLANG_WRAPPER,
         Language::Elixir => ELIXIR_WRAPPER,
-    };
-    body.replace("SOURCE", &src)
+    }
 }
 
 /// Scans, parses and evaluates Erlang text; a missing final `.` is added (after a newline, so
 /// a trailing comment cannot swallow it).
 const ERLANG_WRAPPER: &str = r#"(fun() ->
-  Src0 = SOURCE,
+  Src0 = unicode:characters_to_list(BeamredirSource),
   Src = case lists:reverse(string:trim(Src0, trailing)) of
           [$. | _] -> Src0;
           _ -> Src0 ++ "\n."
@@ -309,7 +313,7 @@ end)()."#;
 
 /// Evaluates Elixir text with `Code.eval_string/1`; syntax errors are parse errors.
 const ELIXIR_WRAPPER: &str = r#"(fun() ->
-  Src = unicode:characters_to_binary(SOURCE),
+  Src = BeamredirSource,
   case code:ensure_loaded('Elixir.Code') of
     {module, _} ->
       try 'Elixir.Code':eval_string(Src) of
@@ -332,11 +336,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn source_travels_as_code_points() {
-        let w = wrapper(Language::Erlang, "\"]), os:cmd(\"x\") %é");
-        assert!(w.contains("Src0 = [34,93,41,44,32,111,115,58,99,109,100,40,34,120,34,41,32,37,233],"), "{w}");
-        assert!(!w.contains("os:cmd"));
-        assert!(wrapper(Language::Elixir, "1+1").contains("unicode:characters_to_binary([49,43,49])"));
+    fn the_source_is_a_binding_not_wrapper_text() {
+        for language in [Language::Erlang, Language::Elixir] {
+            let w = wrapper(language);
+            assert!(w.contains(SOURCE_VARIABLE), "{w}");
+            // The wrapper is fixed text: no expression is ever spliced into it.
+            assert!(!w.contains("SOURCE"), "{w}");
+        }
     }
 
     #[test]

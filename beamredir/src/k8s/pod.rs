@@ -258,8 +258,13 @@ fn listen_range(words: &[String]) -> Option<u16> {
 
 /// The node name from `-name`/`-sname` (erl) or `--name`/`--sname` (elixir, iex), or
 /// `RELEASE_NODE` (mix releases; with `RELEASE_DISTRIBUTION=sname` and no host part, the host
-/// is the pod's host name).
+/// is the pod's host name). A name the shell still has to work out (`app@$(hostname -i)`,
+/// `app@$dashed.ns.pod.cluster.local` in `sh -c`) is no name: the node is asked instead.
 fn spec_node_name(vars: &BTreeMap<String, String>, words: &[String], pod: &Pod) -> Option<String> {
+    spec_node_name_raw(vars, words, pod).filter(|n| !n.contains(['$', '`', '(', ')', '{', '}', '"', '\'']))
+}
+
+fn spec_node_name_raw(vars: &BTreeMap<String, String>, words: &[String], pod: &Pod) -> Option<String> {
     if let Some(n) = vars.get("RELEASE_NODE") {
         if n.contains('@') {
             return Some(n.clone());
@@ -396,6 +401,15 @@ mod tests {
                 .as_deref(),
             Some("shop@app-0")
         );
+        // Shell substitutions the spec leaves to `sh -c` are not a name (the node is asked).
+        for script in [
+            r#"exec erl -name "app@$(echo "$POD_IP" | tr . -).default.pod.cluster.local" -noshell"#,
+            r#"dashed=$(echo $POD_IP | tr . -); exec erl -name "app@$dashed.default.pod.cluster.local""#,
+            "exec erl -name app@`hostname -f` -noshell",
+        ] {
+            let p = running(serde_json::json!([{"name": "app", "command": ["sh", "-c", script]}]));
+            assert_eq!(PodTarget::from_pod(&p, None).unwrap().spec_node_name, None, "{script}");
+        }
     }
 
     #[test]

@@ -57,6 +57,13 @@ pub fn choose_node<'a>(pod: &str, nodes: &'a [DistNode], wanted: Option<&str>) -
     }
 }
 
+/// Checks `--node` against the name the node gave itself: an exact name (with `@`) must match
+/// exactly; a bare one (`--node worker`, as the flag's help allows) only the part before `@`.
+pub fn check_wanted(wanted: &str, actual: &str) -> Result<(), String> {
+    let bare = !wanted.contains('@') && actual.split('@').next() == Some(wanted);
+    if bare { Ok(()) } else { names::check_expected(wanted, actual).map_err(|e| e.to_string()) }
+}
+
 /// Works out the command the session runs for a `remsh`/`observer` task. The cookie file it
 /// creates is kept in `up` until the network part ends.
 pub async fn session_command(up: &Up, task: &ShellTask) -> Result<SessionCommand, String> {
@@ -73,7 +80,7 @@ pub async fn session_command(up: &Up, task: &ShellTask) -> Result<SessionCommand
     let node = choose_node(&pod_name, &entry.dist, task.node.as_deref())?;
     let name = match (node.name(), &task.node, &target.spec_node_name) {
         (Some(n), Some(w), _) => {
-            names::check_expected(w, n).map_err(|e| e.to_string())?;
+            check_wanted(w, n)?;
             n.to_string()
         }
         (Some(n), None, _) => n.to_string(),
@@ -131,21 +138,60 @@ pub async fn session_command(up: &Up, task: &ShellTask) -> Result<SessionCommand
 /// The local node's program for `observer`: connect, open observer on the node, stay until its
 /// window closes. OTP 26+ has `observer:start(Node)`; on OTP 25 observer only starts on the
 /// local node, and its Nodes menu lists visible connections only (a hidden node's are not), so
-/// its state (wx_object: `[Parent, #state{}, Module, Timeout]`, `node` the 10th and the active
-/// tab the 9th element of the record) is pointed at the remote node as that menu would.
+/// its state (wx_object: `[Parent, #state{}, Module, Timeout]`; in the record `frame` is the
+/// 2nd element, `status_bar` the 5th, the active tab the 9th, `node` the 10th) is pointed at the
+/// remote node as that menu would (`observer_wx:change_node_view/2`): the active tab, the window
+/// title and the status bar, so the window does not name the local node.
 fn observer_eval(node: &str) -> String {
     let atom = format!("'{}'", node.replace('\\', "\\\\").replace('\'', "\\'"));
     format!(
         "N = {atom}, \
-         case net_kernel:connect_node(N) of true -> ok; _ -> io:format(standard_error, \"beamredir: cannot connect to ~p~n\", [N]), halt(3) end, \
-         {{module, observer}} = code:ensure_loaded(observer), \
-         case erlang:function_exported(observer, start, 1) of \
-           true -> ok = observer:start(N); \
-           false -> ok = observer:start(), \
-                    sys:replace_state(observer, fun([P, S, M, O]) -> T = element(9, S), T ! not_active, T ! {{active, N}}, [P, setelement(10, S, N), M, O] end) \
+         Fail = fun(Code, Format, Args) -> io:format(standard_error, \"beamredir: \" ++ Format ++ \"~n\", Args), halt(Code) end, \
+         case net_kernel:connect_node(N) of true -> ok; _ -> Fail(3, \"cannot connect to ~p\", [N]) end, \
+         case code:ensure_loaded(observer) of \
+           {{module, observer}} -> ok; \
+           _ -> Fail(4, \"observer is not installed with this Erlang (Debian: apt install erlang-observer)\", []) \
+         end, \
+         Remote = erlang:function_exported(observer, start, 1), \
+         Started = case Remote of true -> observer:start(N); false -> observer:start() end, \
+         case Started of ok -> ok; Error -> Fail(5, \"observer did not start (can this user open a window on DISPLAY?): ~0P\", [Error, 9]) end, \
+         case Remote of \
+           true -> ok; \
+           false -> sys:replace_state(observer, fun([P, S, M, O]) -> T = element(9, S), T ! not_active, T ! {{active, N}}, \
+                      Title = \"Observer - \" ++ atom_to_list(N), wxFrame:setTitle(element(2, S), Title), \
+                      wxStatusBar:setStatusText(element(5, S), Title), [P, setelement(10, S, N), M, O] end) \
          end, \
          io:format(\"observer connected to ~p~n\", [N]), \
          R = erlang:monitor(process, whereis(observer)), \
          receive {{'DOWN', R, _, _, _}} -> halt(0) end."
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::erlang::handshake::NodeIdentity;
+
+    fn node(port: u16, epmd: &str, name: &str) -> DistNode {
+        let identity = Ok(NodeIdentity { name: name.into(), flags: 0, creation: Some(1), protocol_version: 6 });
+        DistNode { port, epmd_name: Some(epmd.into()), identity, tls: false }
+    }
+
+    #[test]
+    fn node_by_exact_or_bare_name() {
+        let nodes = [node(1, "app", "app@10.0.0.1"), node(2, "worker", "worker@10.0.0.1")];
+        let e = choose_node("duo-0", &nodes, None).unwrap_err();
+        assert_eq!(e, "pod duo-0 runs several nodes (app@10.0.0.1, worker@10.0.0.1); pick one with --node NAME");
+        for wanted in ["worker", "worker@10.0.0.1"] {
+            let n = choose_node("duo-0", &nodes, Some(wanted)).unwrap();
+            assert_eq!(n.port, 2);
+            assert_eq!(check_wanted(wanted, n.name().unwrap()), Ok(()), "{wanted}");
+        }
+        // The right node by its epmd name, but not the host it calls itself.
+        let n = choose_node("duo-0", &nodes, Some("worker@10.9.9.9")).unwrap();
+        assert!(check_wanted("worker@10.9.9.9", n.name().unwrap()).unwrap_err().contains("calls itself worker@10.0.0.1, not worker@10.9.9.9"));
+        let e = choose_node("duo-0", &nodes, Some("nope")).unwrap_err();
+        assert_eq!(e, "pod duo-0 runs no node named nope (its nodes: app@10.0.0.1, worker@10.0.0.1); pick one with --node");
+        assert_eq!(choose_node("one-0", &nodes[..1], None).unwrap().port, 1);
+    }
 }

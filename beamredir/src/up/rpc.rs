@@ -6,11 +6,14 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Limits, PodSource, connect::choose_node, discover::discover};
+use super::{
+    Limits, PodSource,
+    connect::{check_wanted, choose_node},
+    discover::discover,
+};
 use crate::{
     erlang::{
         cookie::{self, Lookup},
-        names,
         rpc::{Language, RpcClient},
     },
     k8s::{Cluster, K8sError, KubeArgs, lookup, pod::PodTarget, portforward, secrets::ClusterReads},
@@ -80,7 +83,7 @@ async fn evaluate(task: &RpcTask) -> Result<i32, String> {
         return Err(format!("the node on pod {} runs TLS distribution, which `rpc` cannot speak; use `beamredir remsh` with its TLS flags", target.name));
     }
     if let (Some(wanted), Some(actual)) = (&task.node, node.name()) {
-        names::check_expected(wanted, actual).map_err(|e| e.to_string())?;
+        check_wanted(wanted, actual)?;
     }
     let env = |v: &str| std::env::var(v).ok();
     let reads = ClusterReads(&cluster);
