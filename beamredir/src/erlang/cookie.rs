@@ -571,6 +571,12 @@ impl CookieFile {
                     env.push((var.to_string(), real.join(default).display().to_string()));
                 }
             }
+            // Named outright (not only linked): the private home may go once the node has
+            // read its cookie, and observer opens its window after that.
+            let xauthority = real.join(".Xauthority");
+            if std::env::var_os("XAUTHORITY").is_none() && xauthority.is_file() {
+                env.push(("XAUTHORITY".to_string(), xauthority.display().to_string()));
+            }
         }
         env
     }

@@ -39,6 +39,8 @@ const ENV_NAMES: &[&str] = &[
     "NO_COLOR",
     "ERLANG_COOKIE",
     "RELEASE_COOKIE",
+    "DISPLAY",
+    "XAUTHORITY",
 ];
 /// …and prefixes (cloud credential plugins: aws, gcloud/gke-gcloud-auth-plugin, az/kubelogin).
 const ENV_PREFIXES: &[&str] = &[

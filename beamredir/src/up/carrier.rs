@@ -23,6 +23,15 @@ pub fn carrier(up: &Arc<Up>, pod: &str, port: u16, is_epmd: bool) -> Carrier {
     Arc::new(move |conn, stats| {
         let (weak, cluster, pod) = (weak.clone(), cluster.clone(), pod.clone());
         Box::pin(async move {
+            if !is_epmd {
+                // A local node dialling a distribution port has booted, so it has read its
+                // cookie (remsh/observer): the private cookie file need not wait for the end of
+                // the session (which a SIGKILL would skip).
+                if let Some(file) = weak.upgrade().and_then(|up| up.cookie_file.lock().unwrap().take()) {
+                    drop(file);
+                    log::debug!("removed the local node's cookie file: it has read it");
+                }
+            }
             let ws = tokio::select! {
                 ws = portforward::open(&cluster, &pod, port, timeout) => ws.map_err(|e| e.to_string())?,
                 _ = local_closed(&conn) => return Err(format!("pod {}/{pod} port {port}: the local side closed before the port-forward was set up", cluster.namespace)),
