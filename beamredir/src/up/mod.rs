@@ -182,12 +182,12 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         PodSource::StatefulSet(name) => Some(
             lookup::statefulset_selector(&cluster, name)
                 .await
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| cluster.explain(e).to_string())?,
         ),
         PodSource::Service(name) => Some(
             lookup::service_selector(&cluster, name)
                 .await
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| cluster.explain(e).to_string())?,
         ),
         PodSource::Selector(sel) => Some(sel.clone()),
     };
@@ -198,7 +198,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
                 pods.push(
                     lookup::get(&cluster, name)
                         .await
-                        .map_err(|e| e.to_string())?,
+                        .map_err(|e| cluster.explain(e).to_string())?,
                 );
             }
             pods
@@ -206,7 +206,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         (source, Some(sel)) => {
             let found = lookup::list(&cluster, sel)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| cluster.explain(e).to_string())?;
             if found.is_empty() {
                 let what = match source {
                     PodSource::StatefulSet(n) => format!("statefulset {n} (selector {sel})"),
