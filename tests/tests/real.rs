@@ -150,6 +150,139 @@ fn sudo_user() -> Result<(&'static str, PathBuf, String, String)> {
 const SECURE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 // ---------------------------------------------------------------------------------------------
+// 1. Authorization of port-forward.
+
+/// docs/examples/rbac.yaml's `beamredir-up` Role without `verb` on `resource` (in `group`),
+/// as a Role and a RoleBinding for `user` (JSON, which is YAML).
+fn up_role_without(user: &str, group: &str, resource: &str, verb: &str) -> Result<String> {
+    let docs = beamredir_testbed::cluster::kubelet::parse_manifest(RBAC_EXAMPLE)?;
+    let mut role = docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "beamredir-up").cloned().context("no beamredir-up Role")?;
+    let name = format!("beamredir-up-{}", user.replace(['@', '.'], "-"));
+    role["metadata"]["name"] = json!(name);
+    let mut removed = false;
+    for rule in role["rules"].as_array_mut().context("rules")? {
+        if rule["apiGroups"] == json!([group]) && rule["resources"] == json!([resource]) {
+            let verbs = rule["verbs"].as_array_mut().context("verbs")?;
+            let before = verbs.len();
+            verbs.retain(|v| v != verb);
+            removed = verbs.len() < before;
+        }
+    }
+    ensure!(removed, "the example Role has no {verb} on {group}/{resource}");
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": name, "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    });
+    Ok(format!("{role}\n---\n{binding}\n"))
+}
+
+/// The shipped Role is enough for `up` (by StatefulSet, Service and name) and the remsh Role
+/// for `rpc`, on 1.34 and 1.35. With each verb missing in turn, `up` fails with one line that
+/// names exactly that verb and resource and the rule to add, and leaves nothing behind. A
+/// refused port-forward carries no reason, so beamredir asks the API server
+/// (SelfSubjectAccessReview) which verb is missing: on 1.35 a Role with `get` only on
+/// pods/portforward is refused for want of `create`, and the message says why; on 1.34 the
+/// same Role works.
+#[test]
+fn least_privilege_roles_work_and_each_missing_verb_is_named_with_its_rule() -> Result<()> {
+    for minor in [34, 35] {
+        let cluster = SimCluster::options().version(minor).rbac(RBAC_EXAMPLE).wait_ready(false).start(SECRET_MANIFEST)?;
+        let pod = cluster.wait_ready("default", "app-0", Duration::from_secs(90))?;
+        let ip = pod.status.and_then(|s| s.pod_ip).context("pod IP")?;
+        let node = format!("app@{ip}");
+        let state = TempDir::new("brstate")?;
+        let dev = cluster.kubeconfig_for("dev@example.com")?;
+        let ops = cluster.kubeconfig_for("ops@example.com")?;
+        let dev_kc = dev.to_str().unwrap();
+
+        // The Role as shipped: up by StatefulSet and by Service, and a local node reaches the pod.
+        let cookie = "cookie-from-a-secret";
+        for source in [["--statefulset", "app"], ["--service", "app"]] {
+            let out = cluster
+                .beamredir(state.path())
+                .args(["up", "--kubeconfig", dev_kc, "--session", &unique("rbac")])
+                .args(source)
+                .args(["--", "erl", "-name", "debug@127.0.0.1", "-setcookie", cookie, "-hidden", "-noshell", "-eval", &ping_and_rpc(std::slice::from_ref(&node))])
+                .env("HOME", state.path())
+                .stdin(Stdio::null())
+                .output()?;
+            assert!(out.status.success(), "1.{minor} {source:?}: {}", text(&out));
+            expect_pongs(&text(&out), std::slice::from_ref(&node));
+        }
+
+        // Each verb missing in turn.
+        let before = Leftovers::before(&cluster)?;
+        let session = unique("rbac");
+        let rule = |group: &str, resource: &str, verbs: &str| format!("grant it with a Role rule {{apiGroups: [\"{group}\"], resources: [\"{resource}\"], verbs: [{verbs}]}} (see docs/examples/rbac.yaml)");
+        let cases: Vec<(&str, &str, &str, Vec<&str>, Option<String>)> = vec![
+            ("", "pods", "get", vec!["--pod", "app-0"], Some(format!("you may not get pods in namespace \"default\" (pods \"app-0\" is forbidden: User \"dev-get@example.com\" cannot get resource \"pods\" in API group \"\" in the namespace \"default\"); {}", rule("", "pods", "\"get\"")))),
+            ("", "pods", "list", vec!["--pod", "app-0"], Some(format!("you may not list pods in namespace \"default\" ({}); {}", "pods \"app-0\" is forbidden: User \"dev-list@example.com\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\"", rule("", "pods", "\"list\"")))),
+            ("", "pods", "list", vec!["--statefulset", "app"], Some(format!("you may not list pods in namespace \"default\" (pods is forbidden: User \"dev-list@example.com\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\"); {}", rule("", "pods", "\"list\"")))),
+            ("", "pods", "watch", vec!["--pod", "app-0"], Some(format!("you may not watch pods in namespace \"default\" (pods \"app-0\" is forbidden: User \"dev-watch@example.com\" cannot watch resource \"pods\" in API group \"\" in the namespace \"default\"); {}", rule("", "pods", "\"watch\"")))),
+            ("", "pods", "watch", vec!["--statefulset", "app"], Some(format!("you may not watch pods in namespace \"default\" (pods is forbidden: User \"dev-watch@example.com\" cannot watch resource \"pods\" in API group \"\" in the namespace \"default\"); {}", rule("", "pods", "\"watch\"")))),
+            ("", "pods/portforward", "get", vec!["--pod", "app-0"], Some(format!("you may not get pods/portforward in namespace \"default\" (pods \"app-0\" is forbidden: User \"dev-get@example.com\" cannot get resource \"pods/portforward\" in API group \"\" in the namespace \"default\"); {}", rule("", "pods/portforward", "\"get\", \"create\"")))),
+            (
+                "",
+                "pods/portforward",
+                "create",
+                vec!["--pod", "app-0"],
+                (minor >= 35).then(|| {
+                    format!(
+                        "you may not create pods/portforward in namespace \"default\" (pods \"app-0\" is forbidden: User \"dev-create@example.com\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"default\"); {}",
+                        rule("", "pods/portforward", "\"get\", \"create\"").replace("(see", "(Kubernetes 1.35 and later also require create for WebSocket port-forwards; see")
+                    )
+                }),
+            ),
+            ("apps", "statefulsets", "get", vec!["--statefulset", "app"], Some(format!("you may not get statefulsets.apps in namespace \"default\" (statefulsets.apps \"app\" is forbidden: User \"dev-get@example.com\" cannot get resource \"statefulsets\" in API group \"apps\" in the namespace \"default\"); {}", rule("apps", "statefulsets", "\"get\"")))),
+            ("", "services", "get", vec!["--service", "app"], Some(format!("you may not get services in namespace \"default\" (services \"app\" is forbidden: User \"dev-get@example.com\" cannot get resource \"services\" in API group \"\" in the namespace \"default\"); {}", rule("", "services", "\"get\"")))),
+        ];
+        for (group, resource, verb, args, says) in cases {
+            // One user per Role, named after the verb it lacks (the 403 messages name the user).
+            let user = format!("dev-{verb}-{}@example.com", resource.replace('/', "-"));
+            cluster.apply_rbac(&up_role_without(&user, group, resource, verb)?)?;
+            let kc = cluster.kubeconfig_for(&user)?;
+            let mut full: Vec<&str> = vec!["--kubeconfig", kc.to_str().unwrap()];
+            full.extend(&args);
+            let what = format!("1.{minor} without {verb} on {resource} ({args:?})");
+            match says {
+                Some(says) => {
+                    let says = says.replace(&format!("dev-{verb}@example.com"), &user);
+                    let line = up_fails(&cluster, &state, &session, &full, &[])?;
+                    eprintln!("{what}: {line}");
+                    assert_eq!(line, format!("beamredir: error: forbidden (403): {says}"), "{what}");
+                    before.check(&cluster, &state, &session, &what)?;
+                }
+                None => {
+                    // 1.34: `get` is all a WebSocket port-forward needs.
+                    let out = cluster.beamredir(state.path()).args(["up", "--session", &session]).args(&full).args(["--", "true"]).stdin(Stdio::null()).output()?;
+                    assert!(out.status.success(), "{what}: {}", text(&out));
+                }
+            }
+        }
+        if minor >= 35 {
+            // The port-forward's refusal was explained by asking the API server.
+            assert!(cluster.audit().iter().any(|a| a.starts_with("create selfsubjectaccessreviews")), "{:?}", cluster.audit());
+        }
+
+        // rpc finds the cookie in the pod's Secret: the up Role may not read it (one line
+        // naming the Secret and the rule), the remsh Role may.
+        let rpc = |kc: &Path| cluster.beamredir(state.path()).args(["rpc", "--kubeconfig"]).arg(kc).args(["app-0", "node()."]).stdin(Stdio::null()).output();
+        let out = rpc(&dev)?;
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim(),
+            "beamredir: error: cannot read Secret erlang-cookie in namespace default (forbidden), which holds the cookie; a Role in default with `apiGroups: [\"\"], resources: [\"secrets\"], verbs: [\"get\"], resourceNames: [\"erlang-cookie\"]` allows it, or pass --cookie-file"
+        );
+        let out = rpc(&ops)?;
+        assert!(out.status.success(), "1.{minor}: {}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("'{node}'"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // 4. Proxies; 5. credential plugins named without a path.
 
 /// A corporate laptop: the API server is reachable only through an HTTP CONNECT proxy

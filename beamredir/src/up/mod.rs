@@ -223,6 +223,13 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         }
         (_, None) => unreachable!("every non-name source has a selector"),
     };
+    let names_given = match &config.source {
+        PodSource::Names(n) => n.clone(),
+        _ => Vec::new(),
+    };
+    lookup::check_follow(&cluster, selector.as_deref(), &names_given)
+        .await
+        .map_err(|e| cluster.explain(e).to_string())?;
     let gate = Gate::new(
         config.limits.max_connections,
         Duration::from_millis(config.limits.connection_wait_ms),
