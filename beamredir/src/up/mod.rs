@@ -136,7 +136,11 @@ impl Up {
     fn status(&self) -> NetStatus {
         NetStatus {
             forwards: self.registry.stats(),
-            pods: self.table.lock().unwrap().infos(&self.cluster.namespace),
+            pods: self
+                .table
+                .lock()
+                .unwrap()
+                .infos(&self.cluster.namespace, std::time::Instant::now()),
             connections: self.registry.gate().stats(),
         }
     }
@@ -223,6 +227,13 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         }
         (_, None) => unreachable!("every non-name source has a selector"),
     };
+    let names_given = match &config.source {
+        PodSource::Names(n) => n.clone(),
+        _ => Vec::new(),
+    };
+    lookup::check_follow(&cluster, selector.as_deref(), &names_given)
+        .await
+        .map_err(|e| cluster.explain(e).to_string())?;
     let names_given = match &config.source {
         PodSource::Names(n) => n.clone(),
         _ => Vec::new(),
