@@ -694,3 +694,121 @@ fn a_node_that_still_has_the_old_address_of_a_moved_pod_reaches_it() -> Result<(
     assert!(connects_at(&after, &format!("{old_ip}:4369")) >= 1, "the node went through the old address: {after:#}");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. Many pods at once.
+
+/// A StatefulSet of `replicas` small Erlang nodes (Parallel: all start at once), labelled
+/// `group: GROUP`, on fixed port 9000.
+fn small_nodes(name: &str, replicas: u32, group: &str) -> String {
+    format!(
+        r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: {name}, namespace: default}}
+spec:
+  serviceName: {name}
+  replicas: {replicas}
+  podManagementPolicy: Parallel
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}, group: {group}}}}}
+    spec:
+      containers:
+        - name: app
+          command: ["erl"]
+          args: ["+S", "1:1", "+A", "1", "-name", "app@$(HOST)", "-setcookie", "secret", "-noshell", "-noinput",
+                 "-kernel", "inet_dist_listen_min", "9000", "inet_dist_listen_max", "9000"]
+          env: [{{name: HOST, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}]
+          ports: [{{name: epmd, containerPort: 4369}}, {{name: erlang, containerPort: 9000}}]
+"#
+    )
+}
+
+/// A pod whose epmd accepts connections and never answers.
+const SILENT_EPMD: &str = r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: silent, namespace: default}
+spec:
+  serviceName: silent
+  replicas: 1
+  selector: {matchLabels: {app: silent}}
+  template:
+    metadata: {labels: {app: silent, group: ten}}
+    spec:
+      containers:
+        - name: app
+          command: ["python3", "-c"]
+          args:
+            - |
+              import socket
+              s = socket.socket()
+              s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+              s.bind(("0.0.0.0", 4369))
+              s.listen(64)
+              held = []
+              while True:
+                  held.append(s.accept())
+          ports: [{name: epmd, containerPort: 4369}]
+"#;
+
+/// With 80 ms between the workstation and the API server, `up --statefulset` over 1, 10 and
+/// 20 pods brings every pod up (each gets its epmd and dist redirects). The time to ready is
+/// printed, not asserted (speed targets belong to `cargo xtask bench`). Then a pod whose epmd
+/// never answers, in a session with ten healthy ones: the session starts without waiting for
+/// it (it is still "starting" when the session runs), the ten are redirected, and they stay so
+/// while it fails and is retried.
+#[test]
+fn many_pods_over_a_slow_link_all_come_up_and_a_silent_pod_delays_none() -> Result<()> {
+    let manifest = [small_nodes("one", 1, "one"), small_nodes("ten", 10, "ten"), small_nodes("twenty", 20, "twenty"), SILENT_EPMD.to_string()].join("\n---\n");
+    let cluster = SimCluster::options().api_access(ApiAccess::Delayed(Duration::from_millis(80))).wait_ready(false).start(&manifest)?;
+    for (sts, n) in [("one", 1), ("ten", 10), ("twenty", 20)] {
+        for i in 0..n {
+            cluster.wait_ready("default", &format!("{sts}-{i}"), Duration::from_secs(180))?;
+        }
+    }
+    cluster.wait_ready("default", "silent-0", Duration::from_secs(60))?;
+    let state = TempDir::new("brstate")?;
+    let mut timings = Vec::new();
+    for (sts, n) in [("one", 1usize), ("ten", 10), ("twenty", 20), ("one", 1), ("ten", 10), ("twenty", 20)] {
+        let session = unique(sts);
+        let log = state.path().join(format!("{session}.log"));
+        let started = Instant::now();
+        let up = cluster.start_up_session(state.path(), &session, &["--statefulset", sts], &log)?;
+        let ready = started.elapsed();
+        let status = status_of(&cluster, &state, &session).context("status")?;
+        let pods = status["pods"].as_array().context("pods")?;
+        assert_eq!(pods.len(), n, "{status:#}");
+        assert!(pods.iter().all(|p| p["state"] == "Running"), "{status:#}");
+        assert_eq!(redirects(&status).len(), 2 * n, "{status:#}");
+        timings.push(format!("{n} pod(s): {} ms", ready.as_millis()));
+        drop(up);
+    }
+    eprintln!("time to ready (spawn to a running session), 80 ms RTT to the API server: {}", timings.join(", "));
+
+    // The silent pod among ten healthy ones.
+    let session = unique("silent");
+    let log = state.path().join("silent.log");
+    let _up = cluster.start_up_session(state.path(), &session, &["-l", "group=ten", "--upgrade-timeout", "10s"], &log)?;
+    let ten_redirected = |status: &Value| (0..10).all(|i| redirects_at(status, IpAddr::V4(cluster.pod_ip(&format!("ten-{i}")).unwrap())).len() == 2);
+    let status = status_of(&cluster, &state, &session).context("status")?;
+    assert!(ten_redirected(&status), "{status:#}");
+    assert_eq!(pod_info(&status, "silent-0").context("silent-0")?["state"], "starting", "the session waited for the silent pod: {status:#}");
+    let log_text = std::fs::read_to_string(&log)?;
+    assert!(log_text.contains("pod default/silent-0 is still being brought up; the session starts without it and follows it"), "{log_text}");
+    let mut last = Value::Null;
+    wait_until("the silent pod's first attempt to fail", Duration::from_secs(60), || {
+        last = status_of(&cluster, &state, &session).unwrap_or(Value::Null);
+        pod_info(&last, "silent-0").and_then(|p| p["state"].as_str()).is_some_and(|s| s.starts_with("unreachable: "))
+    })
+    .with_context(|| format!("{last:#}"))?;
+    assert!(ten_redirected(&last), "{last:#}");
+    let silent = pod_info(&last, "silent-0").unwrap();
+    assert_eq!(silent["state"], "unreachable: port-forward to silent-0 port 4369: no answer from the pod's epmd within 20s", "{last:#}");
+    assert!(redirects_at(&last, IpAddr::V4(cluster.pod_ip("silent-0").unwrap())).is_empty(), "{last:#}");
+    let node = format!("app@{}", cluster.pod_ip("ten-9").unwrap());
+    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(std::slice::from_ref(&node)))?;
+    expect_pongs(&out, std::slice::from_ref(&node));
+    Ok(())
+}
