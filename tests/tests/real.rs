@@ -283,6 +283,170 @@ fn least_privilege_roles_work_and_each_missing_verb_is_named_with_its_rule() -> 
 }
 
 // ---------------------------------------------------------------------------------------------
+// 2. Running but not Ready; 3. nodes without epmd.
+
+/// One Erlang node per pod, named `app@POD_IP`, with `ARGS` (YAML flow list items) after its
+/// name and cookie, and `EXTRA` container fields.
+fn erl_statefulset(name: &str, replicas: u32, args: &str, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: {name}, namespace: default}}
+spec:
+  serviceName: {name}
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      containers:
+        - name: app
+          command: ["erl"]
+          args: ["-name", "app@$(HOST)", "-setcookie", "{COOKIE}", "-noshell", "-noinput", {args}]
+          env: [{{name: HOST, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}]
+{extra}
+"#
+    )
+}
+
+/// A pod whose readiness probe fails is still reachable (Running is what port-forward needs);
+/// the banner and `status` say it is not Ready. Readiness flapping while a local node is
+/// connected never touches the redirects (sampled from `status -o json` all along) and never
+/// interrupts the node's rpc calls.
+#[test]
+fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirects_alone() -> Result<()> {
+    let manifest = erl_statefulset(
+        "app",
+        1,
+        r#""-kernel", "inet_dist_listen_min", "9000", "inet_dist_listen_max", "9000""#,
+        r#"          ports: [{name: epmd, containerPort: 4369}, {name: erlang, containerPort: 9000}]
+          readinessProbe:
+            exec: {command: ["sh", "-c", "test ! -e \"$HOME/unready\""]}
+            periodSeconds: 1
+            failureThreshold: 1"#,
+    );
+    let cluster = SimCluster::start(&manifest)?;
+    let ip = cluster.pod_ip("app-0").context("pod IP")?;
+    let node = format!("app@{ip}");
+    let unready = cluster.pod_home("app-0").context("pod home")?.join("unready");
+    std::fs::write(&unready, "")?;
+    cluster.wait_not_ready("app-0", Duration::from_secs(30))?;
+
+    let state = TempDir::new("brstate")?;
+    let session = unique("ready");
+    let log = state.path().join("up.log");
+    let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0"], &log)?;
+    let banner = std::fs::read_to_string(&log)?;
+    assert!(banner.contains(&format!("pod       app-0  {ip}  not Ready  epmd 4369  dist 9000")), "{banner}");
+    let status = status_of(&cluster, &state, &session).context("status")?;
+    let pod = pod_info(&status, "app-0").context("app-0 in status")?;
+    assert_eq!((pod["ready"].as_bool(), pod["state"].as_str()), (Some(false), Some("Running")), "{status:#}");
+    let table = String::from_utf8_lossy(&run(cluster.beamredir(state.path()).arg("status"))?.stdout).to_string();
+    assert!(table.contains(&format!("pod default/app-0  {ip}  not Ready  Running")), "{table}");
+    let initial: BTreeSet<(String, String)> = redirects(&status).into_iter().collect();
+    assert_eq!(initial.len(), 2, "{status:#}");
+
+    // A local node connected to the pod, calling it every 200 ms and reporting any nodedown.
+    let script = format!(
+        "N = '{node}', pong = net_adm:ping(N), ok = net_kernel:monitor_nodes(true), io:format(\"connected~n\"), \
+         L = fun L(K) -> receive {{nodedown, D}} -> io:format(\"nodedown ~p~n\", [D]), L(K) after 200 -> \
+         io:format(\"rpc ~p ~p~n\", [K, rpc:call(N, erlang, node, [], 2000)]), L(K + 1) end end, L(0)."
+    );
+    let local = Interactive::spawn(
+        cluster
+            .beamredir(state.path())
+            .args(["exec", "--session", &session, "--", "erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", &script])
+            .env("HOME", state.path()),
+    )?;
+    local.expect("connected", Duration::from_secs(30))?;
+
+    // Ready, not Ready, Ready again, each seen by the session, while a sampler reads `status`.
+    let samples = std::sync::Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| -> Result<()> {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(s) = status_of(&cluster, &state, &session) {
+                    let ready = pod_info(&s, "app-0").and_then(|p| p["ready"].as_bool());
+                    samples.lock().unwrap().push((ready, redirects(&s).into_iter().collect::<BTreeSet<_>>()));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let seen = |needle: &str, times: usize| {
+            wait_until(&format!("the session to log {needle:?} {times} time(s)"), Duration::from_secs(30), || {
+                std::fs::read_to_string(&log).unwrap_or_default().matches(needle).count() >= times
+            })
+        };
+        let flap = || -> Result<()> {
+            std::fs::remove_file(&unready)?;
+            cluster.wait_ready("default", "app-0", Duration::from_secs(30))?;
+            seen("pod default/app-0 is Ready", 1)?;
+            std::fs::write(&unready, "")?;
+            cluster.wait_not_ready("app-0", Duration::from_secs(30))?;
+            seen("pod default/app-0 is not Ready (still redirected: it is Running)", 1)?;
+            std::fs::remove_file(&unready)?;
+            cluster.wait_ready("default", "app-0", Duration::from_secs(30))?;
+            seen("pod default/app-0 is Ready", 2)?;
+            Ok(())
+        };
+        let result = flap();
+        stop.store(true, Ordering::Relaxed);
+        result
+    })?;
+    let samples = samples.into_inner().unwrap();
+    assert!(samples.iter().any(|(r, _)| *r == Some(false)) && samples.iter().any(|(r, _)| *r == Some(true)), "the sampler saw both states: {samples:?}");
+    for (ready, set) in &samples {
+        assert_eq!(set, &initial, "the redirects changed while ready={ready:?}");
+    }
+    // The node stayed connected and every call was answered.
+    let out = local.output();
+    let calls: Vec<&str> = out.lines().filter(|l| l.starts_with("rpc ")).collect();
+    assert!(calls.len() >= 5, "{out}");
+    assert!(calls.iter().all(|l| l.ends_with(&format!("'{node}'"))), "{out}");
+    assert!(!out.contains("nodedown"), "{out}");
+    Ok(())
+}
+
+/// A node started with `-start_epmd false -erl_epmd_port PORT` has no epmd: `up` takes the
+/// distribution port from the spec, probes no epmd, and the banner prints the flags a local
+/// node needs to do the same; a local node started with exactly those flags pings the pod's
+/// node and calls it.
+#[test]
+fn epmd_less_nodes_are_reached_with_the_flags_the_banner_prints() -> Result<()> {
+    let manifest = erl_statefulset("app", 1, r#""-start_epmd", "false", "-erl_epmd_port", "9100""#, "          ports: [{containerPort: 9100}]");
+    let cluster = SimCluster::start(&manifest)?;
+    let ip = cluster.pod_ip("app-0").context("pod IP")?;
+    let node = format!("app@{ip}");
+    // No epmd in the pod.
+    let ss = String::from_utf8_lossy(&run(cluster.pod_exec("app-0", "ss")?.arg("-Hltn"))?.stdout).to_string();
+    assert!(ss.contains(":9100") && !ss.contains(":4369"), "{ss}");
+
+    let state = TempDir::new("brstate")?;
+    let session = unique("noepmd");
+    let log = state.path().join("up.log");
+    let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0"], &log)?;
+    let banner = std::fs::read_to_string(&log)?;
+    assert!(banner.contains(&format!("pod       app-0  {ip}  Ready  no epmd  dist 9100  node {node}")), "{banner}");
+    let hint = banner.lines().find(|l| l.trim_start().starts_with("erl -name debug@127.0.0.1 -hidden")).with_context(|| banner.clone())?;
+    let words: Vec<&str> = hint.split_whitespace().collect();
+    let (from, to) = (words.iter().position(|w| *w == "-hidden").unwrap() + 1, words.iter().position(|w| *w == "-remsh").with_context(|| hint.to_string())?);
+    let flags = &words[from..to];
+    assert_eq!(flags, ["-start_epmd", "false", "-erl_epmd_port", "9100"], "{hint}");
+    assert_eq!(words[to + 1], node, "{hint}");
+    // Only the dist port is redirected: no epmd port.
+    let status = status_of(&cluster, &state, &session).context("status")?;
+    assert_eq!(redirects_at(&status, IpAddr::V4(ip)).into_iter().map(|(p, _)| p).collect::<Vec<_>>(), [9100], "{status:#}");
+
+    let mut erl_flags = vec!["-name", "debug@127.0.0.1"];
+    erl_flags.extend(flags);
+    let out = erl_in_session(&cluster, &state, &session, &erl_flags, &ping_and_rpc(std::slice::from_ref(&node)))?;
+    expect_pongs(&out, std::slice::from_ref(&node));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // 4. Proxies; 5. credential plugins named without a path.
 
 /// A corporate laptop: the API server is reachable only through an HTTP CONNECT proxy
@@ -452,6 +616,144 @@ impl Drop for RemoveOnDrop {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Dual-stack pods; 7. naming schemes; 8. several containers.
+
+/// A dual-stack pod whose primary address is IPv6 (status.podIP) with an IPv4 one in
+/// status.podIPs: `up` redirects both families, the hosts file maps its DNS name to both, and
+/// a local node on IPv4 distribution reaches it by that name. A raw IPv6 connection to the pod's
+/// IPv6 address reaches its epmd too (the inet6 node case is tested with the IPv6 work).
+#[test]
+fn dual_stack_pods_are_redirected_in_both_families_and_reached_over_ipv4() -> Result<()> {
+    let manifest = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: app, namespace: default}
+spec:
+  clusterIP: None
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv6, IPv4]
+  selector: {app: app}
+  ports: [{name: epmd, port: 4369}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: app, namespace: default}
+spec:
+  serviceName: app
+  replicas: 1
+  selector: {matchLabels: {app: app}}
+  template:
+    metadata: {labels: {app: app}}
+    spec:
+      containers:
+        - name: app
+          command: ["erl"]
+          args: ["-name", "app@$(POD_NAME).app.default.svc.cluster.local", "-setcookie", "secret", "-noshell", "-noinput",
+                 "-kernel", "inet_dist_listen_min", "9000", "inet_dist_listen_max", "9000"]
+          env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+          ports: [{name: epmd, containerPort: 4369}, {name: erlang, containerPort: 9000}]
+"#;
+    let cluster = SimCluster::options().ip_family(IpFamily::DualStackV6Primary).start(manifest)?;
+    let ips = cluster.pod_ips("app-0");
+    let (v6, v4) = match ips[..] {
+        [v6 @ IpAddr::V6(_), v4 @ IpAddr::V4(_)] => (v6, v4),
+        _ => bail!("not IPv6-primary dual-stack: {ips:?}"),
+    };
+    let state = TempDir::new("brstate")?;
+    let session = unique("dual");
+    let log = state.path().join("up.log");
+    let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
+    let status = status_of(&cluster, &state, &session).context("status")?;
+    for ip in [v6, v4] {
+        let ports: BTreeSet<u16> = redirects_at(&status, ip).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(ports, [4369, 9000].into(), "{ip}: {status:#}");
+    }
+    let pod = pod_info(&status, "app-0").context("pod")?;
+    assert_eq!(pod["ips"], json!([v6.to_string(), v4.to_string()]), "{status:#}");
+    let hosts = std::fs::read_to_string(state.path().join(format!("{session}.hosts")))?;
+    for ip in [v6, v4] {
+        let line = hosts.lines().find(|l| l.split_whitespace().next() == Some(&ip.to_string())).with_context(|| hosts.clone())?;
+        assert!(line.split_whitespace().any(|n| n == "app-0.app.default.svc.cluster.local"), "{hosts}");
+    }
+    let node = "app@app-0.app.default.svc.cluster.local".to_string();
+    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(std::slice::from_ref(&node)))?;
+    expect_pongs(&out, std::slice::from_ref(&node));
+    // IPv6 still reaches the pod: NAMES to its epmd at [v6]:4369.
+    let names = "import socket,sys; s=socket.create_connection((sys.argv[1], 4369), timeout=10); s.sendall(b'\\x00\\x01n'); d=b''\nwhile True:\n  c=s.recv(4096)\n  if not c: break\n  d+=c\nprint(d[4:].decode())";
+    let out = run(cluster.beamredir(state.path()).args(["exec", "--session", &session, "--", "python3", "-c", names, &v6.to_string()]))?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("name app at port 9000"), "{}", text(&out));
+    Ok(())
+}
+
+/// The session's hosts file line for `ip`, as its names.
+fn host_names(state: &TempDir, session: &str, ip: IpAddr) -> Result<Vec<String>> {
+    let hosts = std::fs::read_to_string(state.path().join(format!("{session}.hosts")))?;
+    let line = hosts.lines().find(|l| l.split_whitespace().next() == Some(&ip.to_string())).with_context(|| format!("{ip} not in:\n{hosts}"))?;
+    Ok(line.split_whitespace().skip(1).map(String::from).collect())
+}
+
+/// A real 3-node `-sname` cluster (app@app-0…2): the session's hosts file has the short host
+/// names (and the StatefulSet FQDN and the pod A record for each pod), the banner suggests
+/// `-sname`, and a local hidden `-sname` node in the session pings all three by name.
+#[test]
+fn sname_cluster_is_reached_by_short_host_names() -> Result<()> {
+    let cluster = SimCluster::start(include_str!("../manifests/sname-cluster.yaml"))?;
+    let state = TempDir::new("brstate")?;
+    let session = unique("sname");
+    let log = state.path().join("up.log");
+    let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
+    for i in 0..3 {
+        let ip = cluster.pod_ip(&format!("app-{i}")).context("pod IP")?;
+        let names = host_names(&state, &session, IpAddr::V4(ip))?;
+        for want in [format!("app-{i}"), format!("app-{i}.app.default.svc.cluster.local"), format!("{}.default.pod.cluster.local", ip.to_string().replace('.', "-"))] {
+            assert!(names.contains(&want), "{want} not in {names:?}");
+        }
+    }
+    let banner = std::fs::read_to_string(&log)?;
+    assert!(banner.contains("erl -sname debug -hidden -remsh app@app-0"), "{banner}");
+    let nodes: Vec<String> = (0..3).map(|i| format!("app@app-{i}")).collect();
+    let out = erl_in_session(&cluster, &state, &session, &["-sname", "debug"], &ping_and_rpc(&nodes))?;
+    expect_pongs(&out, &nodes);
+    Ok(())
+}
+
+/// A real 3-node cluster named by pod A records (app@10-244-S-N.default.pod.cluster.local,
+/// libcluster's `:dns`): a local hidden `-name` node in the session pings all three.
+#[test]
+fn pod_a_record_cluster_is_reached_by_its_dashed_names() -> Result<()> {
+    let cluster = SimCluster::start(include_str!("../manifests/pod-a-records.yaml"))?;
+    let state = TempDir::new("brstate")?;
+    let session = unique("arec");
+    let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &state.path().join("up.log"))?;
+    let nodes: Vec<String> = (0..3).map(|i| format!("app@{}.default.pod.cluster.local", cluster.pod_ip(&format!("app-{i}")).unwrap().to_string().replace('.', "-"))).collect();
+    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(&nodes))?;
+    expect_pongs(&out, &nodes);
+    Ok(())
+}
+
+/// A pod whose first container is a sidecar: the Erlang container (second) is found by its
+/// ports and environment. `rpc` proves which one was chosen: the cookie is read from the chosen
+/// container's arguments (`--cookie secret`), which the sidecar does not have.
+#[test]
+fn the_erlang_container_is_found_behind_a_sidecar() -> Result<()> {
+    let cluster = SimCluster::start(include_str!("../manifests/sidecar-first.yaml"))?;
+    let ip = cluster.pod_ip("app-0").context("pod IP")?;
+    let node = format!("app@{ip}");
+    let state = TempDir::new("brstate")?;
+    let out = cluster.beamredir(state.path()).args(["rpc", "app-0", "node()."]).env_remove("ERLANG_COOKIE").env_remove("RELEASE_COOKIE").env("HOME", state.path()).stdin(Stdio::null()).output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("'{node}'"));
+    let session = unique("sidecar");
+    let log = state.path().join("up.log");
+    let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0"], &log)?;
+    let banner = std::fs::read_to_string(&log)?;
+    assert!(banner.contains(&format!("pod       app-0  {ip}  Ready  epmd 4369  dist 9000  node {node}")), "{banner}");
+    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(std::slice::from_ref(&node)))?;
+    expect_pongs(&out, std::slice::from_ref(&node));
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -810,5 +1112,192 @@ fn many_pods_over_a_slow_link_all_come_up_and_a_silent_pod_delays_none() -> Resu
     let node = format!("app@{}", cluster.pod_ip("ten-9").unwrap());
     let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(std::slice::from_ref(&node)))?;
     expect_pongs(&out, std::slice::from_ref(&node));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. The kernel side stays right.
+
+/// A workstation namespace with a `map` session: POD:4369 goes to a local port where nothing
+/// listens, POD:9000 to a listener that accepts and closes; and a listener nothing maps to.
+struct KernelBed {
+    pod: Ipv4Addr,
+    ws: Netns,
+    state: TempDir,
+    session: String,
+    forward: TcpListenerThread,
+    unmapped: TcpListenerThread,
+    dead_port: u16,
+    _map: Option<Graceful>,
+}
+
+/// A listener in a namespace that accepts and closes, counting.
+struct TcpListenerThread {
+    port: u16,
+    accepted: Arc<AtomicU64>,
+}
+
+impl TcpListenerThread {
+    fn start(ns: &Netns) -> Result<Self> {
+        let listener = ns.in_ns(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))??;
+        let port = listener.local_addr()?.port();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        // Ends with the test process (the namespace goes with the bed).
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if conn.is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Ok(TcpListenerThread { port, accepted })
+    }
+}
+
+impl KernelBed {
+    fn start() -> Result<Self> {
+        beamredir_testbed::require_root()?;
+        let ws = Netns::new("brws")?;
+        let state = TempDir::new("brstate")?;
+        let forward = TcpListenerThread::start(&ws)?;
+        let unmapped = TcpListenerThread::start(&ws)?;
+        let dead_port = ws.in_ns(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map(|l| l.local_addr().unwrap().port()))??;
+        let mut bed = KernelBed { pod: unique_pod_ip(), ws, state, session: unique("k"), forward, unmapped, dead_port, _map: None };
+        let child = bed
+            .beamredir()
+            .args(["map", "--session", &bed.session])
+            .arg(format!("{}:4369={}", bed.pod, bed.dead_port))
+            .arg(format!("{}:9000={}", bed.pod, bed.forward.port))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(bed.state.path().join("map.log"))?)
+            .spawn()?;
+        let mut map = Graceful(child);
+        wait_until("the map session", Duration::from_secs(20), || {
+            if let Ok(Some(st)) = map.0.try_wait() {
+                panic!("beamredir map exited early: {st}");
+            }
+            bed.status().is_some_and(|s| s["state"] == "running")
+        })?;
+        bed._map = Some(map);
+        Ok(bed)
+    }
+
+    fn beamredir(&self) -> Command {
+        let mut cmd = self.ws.command(beamredir_bin());
+        cmd.env("BEAMREDIR_STATE_DIR", self.state.path());
+        cmd
+    }
+
+    fn status(&self) -> Option<Value> {
+        let out = self.beamredir().args(["status", "--json"]).output().ok()?;
+        let all: Value = serde_json::from_slice(&out.stdout).ok()?;
+        all.as_array()?.iter().find(|s| s["name"] == self.session.as_str()).cloned()
+    }
+
+    fn connects(&self, port: u16) -> u64 {
+        self.status().map(|s| connects_at(&s, &format!("{}:{port}", self.pod))).unwrap_or(u64::MAX)
+    }
+
+    /// `python3 -c SCRIPT ARGS` in the session (optionally through `nsenter --net=NS` first).
+    fn python(&self, netns: Option<&Netns>, script: &str, args: &[String]) -> Result<String> {
+        let mut cmd = self.beamredir();
+        cmd.args(["exec", "--session", &self.session, "--"]);
+        if let Some(ns) = netns {
+            cmd.arg("nsenter").arg(format!("--net={}", ns.path().display())).arg("--");
+        }
+        let out = run(cmd.args(["python3", "-c", script]).args(args).stdin(Stdio::null()))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for KernelBed {
+    fn drop(&mut self) {
+        self._map.take();
+        let _ = self.beamredir().args(["-q", "down", "--all"]).stdout(Stdio::null()).status();
+    }
+}
+
+const CONNECT_ERRNO: &str = "import socket,sys,errno\ns=socket.socket(); s.settimeout(5)\ntry:\n  s.connect((sys.argv[1], int(sys.argv[2]))); print('connected %s:%d' % s.getpeername())\nexcept OSError as e:\n  print(errno.errorcode.get(e.errno, e.errno))";
+
+/// (a) A socket whose redirected connect failed (the forward's port refused it) and that then
+/// connected to an address the map does not cover reports its real peer: the reverse
+/// translation is keyed by the socket's current peer, not by what it once dialled.
+#[test]
+fn a_redirected_connect_that_failed_then_connected_elsewhere_reports_its_real_peer() -> Result<()> {
+    let bed = KernelBed::start()?;
+    let script = "import socket,sys,errno\ns=socket.socket()\ntry:\n  s.connect((sys.argv[1], 4369)); print('connected')\nexcept OSError as e:\n  print(errno.errorcode[e.errno])\ns.connect(('127.0.0.1', int(sys.argv[2])))\nprint('%s:%d' % s.getpeername())";
+    let out = bed.python(None, script, &[bed.pod.to_string(), bed.unmapped.port.to_string()])?;
+    assert_eq!(out, format!("ECONNREFUSED\n127.0.0.1:{}", bed.unmapped.port));
+    assert_eq!(bed.connects(4369), 1, "the failed connect was redirected");
+    // A redirected connect that succeeds still reports the pod endpoint.
+    let out = bed.python(None, CONNECT_ERRNO, &[bed.pod.to_string(), "9000".into()])?;
+    assert_eq!(out, format!("connected {}:9000", bed.pod));
+    Ok(())
+}
+
+/// (b) The per-CPU counter loses no counts: 4 processes × 8 threads × 100 connects at once
+/// through one redirect, and `status` reports exactly that many.
+#[test]
+fn concurrent_connects_through_one_redirect_are_all_counted() -> Result<()> {
+    let bed = KernelBed::start()?;
+    let script = "import socket,sys,threading\npod,n,t=sys.argv[1],int(sys.argv[2]),int(sys.argv[3])\nres=[0]*t\ndef run(i):\n  for _ in range(n):\n    s=socket.socket()\n    try:\n      s.connect((pod,9000)); res[i]+=1\n    except OSError:\n      pass\n    finally:\n      s.close()\nts=[threading.Thread(target=run,args=(i,)) for i in range(t)]\n[x.start() for x in ts]\n[x.join() for x in ts]\nprint(sum(res))";
+    let (procs, threads, each) = (4, 8, 100);
+    let before = bed.connects(9000);
+    let children: Vec<_> = (0..procs)
+        .map(|_| {
+            bed.beamredir()
+                .args(["exec", "--session", &bed.session, "--", "python3", "-c", script, &bed.pod.to_string(), &each.to_string(), &threads.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+        })
+        .collect::<std::io::Result<_>>()?;
+    let mut made = 0u64;
+    for child in children {
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "{}", text(&out));
+        made += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>()?;
+    }
+    assert_eq!(made, procs * threads * each, "every connect succeeded");
+    assert_eq!(bed.connects(9000) - before, made);
+    wait_until("the listener to accept them all", Duration::from_secs(20), || bed.forward.accepted.load(Ordering::Relaxed) >= made)?;
+    Ok(())
+}
+
+/// (c) A session process that enters another network namespace (the cgroup comes along) is
+/// not redirected there: the pod endpoint gives the normal error, and a listener on the
+/// forward's port in that namespace gets nothing.
+#[test]
+fn a_session_process_in_another_netns_is_not_redirected() -> Result<()> {
+    let bed = KernelBed::start()?;
+    let elsewhere = Netns::new("brelse")?;
+    let decoy = elsewhere.in_ns({
+        let port = bed.forward.port;
+        move || TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+    })??;
+    decoy.set_nonblocking(true)?;
+    let before = bed.connects(9000);
+    let out = bed.python(Some(&elsewhere), CONNECT_ERRNO, &[bed.pod.to_string(), "9000".into()])?;
+    assert_eq!(out, "ENETUNREACH");
+    assert_eq!(decoy.accept().map(|_| ()).unwrap_err().kind(), ErrorKind::WouldBlock, "a connection reached the decoy");
+    assert_eq!(bed.connects(9000), before, "counted as redirected");
+    // The same process type, in the session's own namespace, is redirected.
+    let out = bed.python(None, CONNECT_ERRNO, &[bed.pod.to_string(), "9000".into()])?;
+    assert_eq!(out, format!("connected {}:9000", bed.pod));
+    Ok(())
+}
+
+/// (d) UDP to the pod's epmd port and TCP to a port the map does not cover pass through
+/// untouched: the workstation has no route to the pod (ENETUNREACH), and nothing is counted.
+#[test]
+fn udp_and_unmapped_ports_pass_through_untouched() -> Result<()> {
+    let bed = KernelBed::start()?;
+    let script = "import socket,sys,errno\npod=sys.argv[1]\ndef err(f):\n  try:\n    f(); return 'ok'\n  except OSError as e:\n    return errno.errorcode.get(e.errno, str(e.errno))\nu=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nprint('udp-sendto', err(lambda: u.sendto(b'x', (pod, 4369))))\nv=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nprint('udp-connect', err(lambda: v.connect((pod, 4369))))\nt=socket.socket(); t.settimeout(5)\nprint('tcp-5555', err(lambda: t.connect((pod, 5555))))";
+    let before = (bed.connects(4369), bed.connects(9000));
+    let out = bed.python(None, script, &[bed.pod.to_string()])?;
+    assert_eq!(out, "udp-sendto ENETUNREACH\nudp-connect ENETUNREACH\ntcp-5555 ENETUNREACH");
+    assert_eq!((bed.connects(4369), bed.connects(9000)), before);
     Ok(())
 }
