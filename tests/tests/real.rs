@@ -31,7 +31,11 @@ const RBAC_EXAMPLE: &str = include_str!("../../docs/examples/rbac.yaml");
 const SECRET_MANIFEST: &str = include_str!("../manifests/secret-cookie.yaml");
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn status_of(cluster: &SimCluster, state: &TempDir, session: &str) -> Option<Value> {
@@ -42,7 +46,16 @@ fn status_of(cluster: &SimCluster, state: &TempDir, session: &str) -> Option<Val
 fn redirects(status: &Value) -> Vec<(String, String)> {
     status["redirects"]
         .as_array()
-        .map(|rs| rs.iter().map(|r| (r["pod"].as_str().unwrap_or("").to_string(), r["local"].as_str().unwrap_or("").to_string())).collect())
+        .map(|rs| {
+            rs.iter()
+                .map(|r| {
+                    (
+                        r["pod"].as_str().unwrap_or("").to_string(),
+                        r["local"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -58,18 +71,43 @@ fn redirects_at(status: &Value, ip: IpAddr) -> Vec<(u16, String)> {
 }
 
 fn connects_at(status: &Value, pod: &str) -> u64 {
-    status["redirects"].as_array().into_iter().flatten().find(|r| r["pod"] == pod).and_then(|r| r["connects"].as_u64()).unwrap_or(0)
+    status["redirects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["pod"] == pod)
+        .and_then(|r| r["connects"].as_u64())
+        .unwrap_or(0)
 }
 
 fn pod_info<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
-    status["pods"].as_array()?.iter().find(|p| p["name"] == name)
+    status["pods"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
 }
 
 /// `erl` in the session (hidden, the cluster's cookie), running SCRIPT; its output.
-fn erl_in_session(cluster: &SimCluster, state: &TempDir, session: &str, flags: &[&str], script: &str) -> Result<String> {
+fn erl_in_session(
+    cluster: &SimCluster,
+    state: &TempDir,
+    session: &str,
+    flags: &[&str],
+    script: &str,
+) -> Result<String> {
     let out = cluster
         .beamredir(state.path())
-        .args(["exec", "--session", session, "--", "erl", "-setcookie", COOKIE, "-hidden", "-noshell"])
+        .args([
+            "exec",
+            "--session",
+            session,
+            "--",
+            "erl",
+            "-setcookie",
+            COOKIE,
+            "-hidden",
+            "-noshell",
+        ])
         .args(flags)
         .args(["-eval", script])
         .env("HOME", state.path())
@@ -80,7 +118,11 @@ fn erl_in_session(cluster: &SimCluster, state: &TempDir, session: &str, flags: &
 
 /// Pings each node and calls `erlang:node()` on it over rpc: `ping=[pong,…] rpc=[Node,…]`.
 fn ping_and_rpc(nodes: &[String]) -> String {
-    let list = nodes.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(",");
+    let list = nodes
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(",");
     format!(
         "Ns = [{list}], P = [net_adm:ping(N) || N <- Ns], R = [rpc:call(N, erlang, node, [], 10000) || N <- Ns], \
          io:format(\"ping=~w~nrpc=~w~n\", [P, R]), halt()."
@@ -89,14 +131,24 @@ fn ping_and_rpc(nodes: &[String]) -> String {
 
 fn expect_pongs(out: &str, nodes: &[String]) {
     let pongs = vec!["pong"; nodes.len()].join(",");
-    let names = nodes.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(",");
-    assert!(out.contains(&format!("ping=[{pongs}]")) && out.contains(&format!("rpc=[{names}]")), "{out}");
+    let names = nodes
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(
+        out.contains(&format!("ping=[{pongs}]")) && out.contains(&format!("rpc=[{names}]")),
+        "{out}"
+    );
 }
 
 /// Listening TCP ports in the workstation (to check nothing was left listening).
 fn listening(cluster: &SimCluster) -> Result<Vec<String>> {
     let out = run(cluster.ws.command("ss").args(["-Hltn"]))?;
-    Ok(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().nth(3).map(String::from)).collect())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(String::from))
+        .collect())
 }
 
 /// What a failed `up` must not leave: files in the state dir, the session's cgroup, programs
@@ -108,29 +160,66 @@ struct Leftovers {
 
 impl Leftovers {
     fn before(cluster: &SimCluster) -> Result<Self> {
-        Ok(Leftovers { programs: bpftool_cgroup_programs(&cgroup2_root()?)?, listening: listening(cluster)? })
+        Ok(Leftovers {
+            programs: bpftool_cgroup_programs(&cgroup2_root()?)?,
+            listening: listening(cluster)?,
+        })
     }
 
-    fn check(&self, cluster: &SimCluster, state: &TempDir, session: &str, what: &str) -> Result<()> {
-        let left: Vec<_> = std::fs::read_dir(state.path())?.filter_map(Result::ok).map(|e| e.file_name()).filter(|n| !n.to_string_lossy().starts_with(".erlang.cookie")).collect();
+    fn check(
+        &self,
+        cluster: &SimCluster,
+        state: &TempDir,
+        session: &str,
+        what: &str,
+    ) -> Result<()> {
+        let left: Vec<_> = std::fs::read_dir(state.path())?
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .filter(|n| !n.to_string_lossy().starts_with(".erlang.cookie"))
+            .collect();
         ensure!(left.is_empty(), "{what} left {left:?}");
-        ensure!(!cgroup2_root()?.join("beamredir").join(session).exists(), "{what} left its cgroup");
-        ensure!(bpftool_cgroup_programs(&cgroup2_root()?)? == self.programs, "{what} changed the root cgroup's programs");
-        ensure!(listening(cluster)? == self.listening, "{what} left a listener");
+        ensure!(
+            !cgroup2_root()?.join("beamredir").join(session).exists(),
+            "{what} left its cgroup"
+        );
+        ensure!(
+            bpftool_cgroup_programs(&cgroup2_root()?)? == self.programs,
+            "{what} changed the root cgroup's programs"
+        );
+        ensure!(
+            listening(cluster)? == self.listening,
+            "{what} left a listener"
+        );
         Ok(())
     }
 }
 
 /// `beamredir up … -- true` that must fail: returns its one line of stderr.
-fn up_fails(cluster: &SimCluster, state: &TempDir, session: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
+fn up_fails(
+    cluster: &SimCluster,
+    state: &TempDir,
+    session: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<String> {
     let mut cmd = cluster.beamredir(state.path());
     for proxy_var in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
         cmd.env_remove(proxy_var);
     }
-    let out = cmd.args(["up", "--session", session]).args(args).args(["--", "true"]).envs(env.iter().copied()).stdin(Stdio::null()).output()?;
+    let out = cmd
+        .args(["up", "--session", session])
+        .args(args)
+        .args(["--", "true"])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     ensure!(!out.status.success(), "{args:?} succeeded:\n{}", text(&out));
-    ensure!(stderr.lines().count() == 1, "{args:?}: not one line:\n{stderr}");
+    ensure!(
+        stderr.lines().count() == 1,
+        "{args:?}: not one line:\n{stderr}"
+    );
     Ok(stderr)
 }
 
@@ -140,9 +229,18 @@ fn sudo_user() -> Result<(&'static str, PathBuf, String, String)> {
     let user = "beamredir-test";
     let home = PathBuf::from("/var/tmp/beamredir-test-home");
     if Command::new("id").arg(user).output()?.status.code() != Some(0) {
-        run(Command::new("useradd").args(["--system", "--create-home", "--home-dir"]).arg(&home).args(["--shell", "/bin/sh", user]))?;
+        run(Command::new("useradd")
+            .args(["--system", "--create-home", "--home-dir"])
+            .arg(&home)
+            .args(["--shell", "/bin/sh", user]))?;
     }
-    let id = |flag: &str| -> Result<String> { Ok(String::from_utf8(run(Command::new("id").args([flag, user]))?.stdout)?.trim().to_string()) };
+    let id = |flag: &str| -> Result<String> {
+        Ok(
+            String::from_utf8(run(Command::new("id").args([flag, user]))?.stdout)?
+                .trim()
+                .to_string(),
+        )
+    };
     Ok((user, home, id("-u")?, id("-g")?))
 }
 
@@ -156,7 +254,11 @@ const SECURE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
 /// as a Role and a RoleBinding for `user` (JSON, which is YAML).
 fn up_role_without(user: &str, group: &str, resource: &str, verb: &str) -> Result<String> {
     let docs = beamredir_testbed::cluster::kubelet::parse_manifest(RBAC_EXAMPLE)?;
-    let mut role = docs.iter().find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "beamredir-up").cloned().context("no beamredir-up Role")?;
+    let mut role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "beamredir-up")
+        .cloned()
+        .context("no beamredir-up Role")?;
     let name = format!("beamredir-up-{}", user.replace(['@', '.'], "-"));
     role["metadata"]["name"] = json!(name);
     let mut removed = false;
@@ -168,7 +270,10 @@ fn up_role_without(user: &str, group: &str, resource: &str, verb: &str) -> Resul
             removed = verbs.len() < before;
         }
     }
-    ensure!(removed, "the example Role has no {verb} on {group}/{resource}");
+    ensure!(
+        removed,
+        "the example Role has no {verb} on {group}/{resource}"
+    );
     let binding = json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": {"name": name, "namespace": "default"},
@@ -188,7 +293,11 @@ fn up_role_without(user: &str, group: &str, resource: &str, verb: &str) -> Resul
 #[test]
 fn least_privilege_roles_work_and_each_missing_verb_is_named_with_its_rule() -> Result<()> {
     for minor in [34, 35] {
-        let cluster = SimCluster::options().version(minor).rbac(RBAC_EXAMPLE).wait_ready(false).start(SECRET_MANIFEST)?;
+        let cluster = SimCluster::options()
+            .version(minor)
+            .rbac(RBAC_EXAMPLE)
+            .wait_ready(false)
+            .start(SECRET_MANIFEST)?;
         let pod = cluster.wait_ready("default", "app-0", Duration::from_secs(90))?;
         let ip = pod.status.and_then(|s| s.pod_ip).context("pod IP")?;
         let node = format!("app@{ip}");
@@ -204,7 +313,18 @@ fn least_privilege_roles_work_and_each_missing_verb_is_named_with_its_rule() -> 
                 .beamredir(state.path())
                 .args(["up", "--kubeconfig", dev_kc, "--session", &unique("rbac")])
                 .args(source)
-                .args(["--", "erl", "-name", "debug@127.0.0.1", "-setcookie", cookie, "-hidden", "-noshell", "-eval", &ping_and_rpc(std::slice::from_ref(&node))])
+                .args([
+                    "--",
+                    "erl",
+                    "-name",
+                    "debug@127.0.0.1",
+                    "-setcookie",
+                    cookie,
+                    "-hidden",
+                    "-noshell",
+                    "-eval",
+                    &ping_and_rpc(std::slice::from_ref(&node)),
+                ])
                 .env("HOME", state.path())
                 .stdin(Stdio::null())
                 .output()?;
@@ -215,7 +335,11 @@ fn least_privilege_roles_work_and_each_missing_verb_is_named_with_its_rule() -> 
         // Each verb missing in turn.
         let before = Leftovers::before(&cluster)?;
         let session = unique("rbac");
-        let rule = |group: &str, resource: &str, verbs: &str| format!("grant it with a Role rule {{apiGroups: [\"{group}\"], resources: [\"{resource}\"], verbs: [{verbs}]}} (see docs/examples/rbac.yaml)");
+        let rule = |group: &str, resource: &str, verbs: &str| {
+            format!(
+                "grant it with a Role rule {{apiGroups: [\"{group}\"], resources: [\"{resource}\"], verbs: [{verbs}]}} (see docs/examples/rbac.yaml)"
+            )
+        };
         let cases: Vec<(&str, &str, &str, Vec<&str>, Option<String>)> = vec![
             ("", "pods", "get", vec!["--pod", "app-0"], Some(format!("you may not get pods in namespace \"default\" (pods \"app-0\" is forbidden: User \"dev-get@example.com\" cannot get resource \"pods\" in API group \"\" in the namespace \"default\"); {}", rule("", "pods", "\"get\"")))),
             ("", "pods", "list", vec!["--pod", "app-0"], Some(format!("you may not list pods in namespace \"default\" ({}); {}", "pods \"app-0\" is forbidden: User \"dev-list@example.com\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\"", rule("", "pods", "\"list\"")))),
@@ -251,24 +375,49 @@ fn least_privilege_roles_work_and_each_missing_verb_is_named_with_its_rule() -> 
                     let says = says.replace(&format!("dev-{verb}@example.com"), &user);
                     let line = up_fails(&cluster, &state, &session, &full, &[])?;
                     eprintln!("{what}: {line}");
-                    assert_eq!(line, format!("beamredir: error: forbidden (403): {says}"), "{what}");
+                    assert_eq!(
+                        line,
+                        format!("beamredir: error: forbidden (403): {says}"),
+                        "{what}"
+                    );
                     before.check(&cluster, &state, &session, &what)?;
                 }
                 None => {
                     // 1.34: `get` is all a WebSocket port-forward needs.
-                    let out = cluster.beamredir(state.path()).args(["up", "--session", &session]).args(&full).args(["--", "true"]).stdin(Stdio::null()).output()?;
+                    let out = cluster
+                        .beamredir(state.path())
+                        .args(["up", "--session", &session])
+                        .args(&full)
+                        .args(["--", "true"])
+                        .stdin(Stdio::null())
+                        .output()?;
                     assert!(out.status.success(), "{what}: {}", text(&out));
                 }
             }
         }
         if minor >= 35 {
             // The port-forward's refusal was explained by asking the API server.
-            assert!(cluster.audit().iter().any(|a| a.starts_with("create selfsubjectaccessreviews")), "{:?}", cluster.audit());
+            assert!(
+                cluster
+                    .audit()
+                    .iter()
+                    .any(|a| a.starts_with("create selfsubjectaccessreviews")),
+                "{:?}",
+                cluster.audit()
+            );
         }
 
         // rpc finds the cookie in the pod's Secret: the up Role may not read it (one line
         // naming the Secret and the rule), the remsh Role may.
-        let rpc = |kc: &Path| cluster.beamredir(state.path()).args(["rpc", "--kubeconfig"]).arg(kc).args(["app-0", "node()."]).stdin(Stdio::null()).output();
+        let rpc = |kc: &Path| {
+            cluster
+                .beamredir(state.path())
+                .args(["rpc", "--kubeconfig"])
+                .arg(kc)
+                .args(["app-0", "node()."])
+                .stdin(Stdio::null())
+                .output()
+        };
         let out = rpc(&dev)?;
         assert_eq!(out.status.code(), Some(3), "{}", text(&out));
         assert_eq!(
@@ -277,7 +426,10 @@ fn least_privilege_roles_work_and_each_missing_verb_is_named_with_its_rule() -> 
         );
         let out = rpc(&ops)?;
         assert!(out.status.success(), "1.{minor}: {}", text(&out));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("'{node}'"));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("'{node}'")
+        );
     }
     Ok(())
 }
@@ -315,7 +467,8 @@ spec:
 /// connected never touches the redirects (sampled from `status -o json` all along) and never
 /// interrupts the node's rpc calls.
 #[test]
-fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirects_alone() -> Result<()> {
+fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirects_alone()
+-> Result<()> {
     let manifest = erl_statefulset(
         "app",
         1,
@@ -329,7 +482,10 @@ fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirect
     let cluster = SimCluster::start(&manifest)?;
     let ip = cluster.pod_ip("app-0").context("pod IP")?;
     let node = format!("app@{ip}");
-    let unready = cluster.pod_home("app-0").context("pod home")?.join("unready");
+    let unready = cluster
+        .pod_home("app-0")
+        .context("pod home")?
+        .join("unready");
     std::fs::write(&unready, "")?;
     cluster.wait_not_ready("app-0", Duration::from_secs(30))?;
 
@@ -338,12 +494,26 @@ fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirect
     let log = state.path().join("up.log");
     let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0"], &log)?;
     let banner = std::fs::read_to_string(&log)?;
-    assert!(banner.contains(&format!("pod       app-0  {ip}  not Ready  epmd 4369  dist 9000")), "{banner}");
+    assert!(
+        banner.contains(&format!(
+            "pod       app-0  {ip}  not Ready  epmd 4369  dist 9000"
+        )),
+        "{banner}"
+    );
     let status = status_of(&cluster, &state, &session).context("status")?;
     let pod = pod_info(&status, "app-0").context("app-0 in status")?;
-    assert_eq!((pod["ready"].as_bool(), pod["state"].as_str()), (Some(false), Some("Running")), "{status:#}");
-    let table = String::from_utf8_lossy(&run(cluster.beamredir(state.path()).arg("status"))?.stdout).to_string();
-    assert!(table.contains(&format!("pod default/app-0  {ip}  not Ready  Running")), "{table}");
+    assert_eq!(
+        (pod["ready"].as_bool(), pod["state"].as_str()),
+        (Some(false), Some("Running")),
+        "{status:#}"
+    );
+    let table =
+        String::from_utf8_lossy(&run(cluster.beamredir(state.path()).arg("status"))?.stdout)
+            .to_string();
+    assert!(
+        table.contains(&format!("pod default/app-0  {ip}  not Ready  Running")),
+        "{table}"
+    );
     let initial: BTreeSet<(String, String)> = redirects(&status).into_iter().collect();
     assert_eq!(initial.len(), 2, "{status:#}");
 
@@ -356,7 +526,21 @@ fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirect
     let local = Interactive::spawn(
         cluster
             .beamredir(state.path())
-            .args(["exec", "--session", &session, "--", "erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", &script])
+            .args([
+                "exec",
+                "--session",
+                &session,
+                "--",
+                "erl",
+                "-name",
+                "debug@127.0.0.1",
+                "-setcookie",
+                COOKIE,
+                "-hidden",
+                "-noshell",
+                "-eval",
+                &script,
+            ])
             .env("HOME", state.path()),
     )?;
     local.expect("connected", Duration::from_secs(30))?;
@@ -369,15 +553,26 @@ fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirect
             while !stop.load(Ordering::Relaxed) {
                 if let Some(s) = status_of(&cluster, &state, &session) {
                     let ready = pod_info(&s, "app-0").and_then(|p| p["ready"].as_bool());
-                    samples.lock().unwrap().push((ready, redirects(&s).into_iter().collect::<BTreeSet<_>>()));
+                    samples
+                        .lock()
+                        .unwrap()
+                        .push((ready, redirects(&s).into_iter().collect::<BTreeSet<_>>()));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
         let seen = |needle: &str, times: usize| {
-            wait_until(&format!("the session to log {needle:?} {times} time(s)"), Duration::from_secs(30), || {
-                std::fs::read_to_string(&log).unwrap_or_default().matches(needle).count() >= times
-            })
+            wait_until(
+                &format!("the session to log {needle:?} {times} time(s)"),
+                Duration::from_secs(30),
+                || {
+                    std::fs::read_to_string(&log)
+                        .unwrap_or_default()
+                        .matches(needle)
+                        .count()
+                        >= times
+                },
+            )
         };
         let flap = || -> Result<()> {
             std::fs::remove_file(&unready)?;
@@ -385,7 +580,10 @@ fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirect
             seen("pod default/app-0 is Ready", 1)?;
             std::fs::write(&unready, "")?;
             cluster.wait_not_ready("app-0", Duration::from_secs(30))?;
-            seen("pod default/app-0 is not Ready (still redirected: it is Running)", 1)?;
+            seen(
+                "pod default/app-0 is not Ready (still redirected: it is Running)",
+                1,
+            )?;
             std::fs::remove_file(&unready)?;
             cluster.wait_ready("default", "app-0", Duration::from_secs(30))?;
             seen("pod default/app-0 is Ready", 2)?;
@@ -396,7 +594,11 @@ fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirect
         result
     })?;
     let samples = samples.into_inner().unwrap();
-    assert!(samples.iter().any(|(r, _)| *r == Some(false)) && samples.iter().any(|(r, _)| *r == Some(true)), "the sampler saw both states: {samples:?}");
+    assert!(
+        samples.iter().any(|(r, _)| *r == Some(false))
+            && samples.iter().any(|(r, _)| *r == Some(true)),
+        "the sampler saw both states: {samples:?}"
+    );
     for (ready, set) in &samples {
         assert_eq!(set, &initial, "the redirects changed while ready={ready:?}");
     }
@@ -404,7 +606,10 @@ fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirect
     let out = local.output();
     let calls: Vec<&str> = out.lines().filter(|l| l.starts_with("rpc ")).collect();
     assert!(calls.len() >= 5, "{out}");
-    assert!(calls.iter().all(|l| l.ends_with(&format!("'{node}'"))), "{out}");
+    assert!(
+        calls.iter().all(|l| l.ends_with(&format!("'{node}'"))),
+        "{out}"
+    );
     assert!(!out.contains("nodedown"), "{out}");
     Ok(())
 }
@@ -415,12 +620,18 @@ fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirect
 /// node and calls it.
 #[test]
 fn epmd_less_nodes_are_reached_with_the_flags_the_banner_prints() -> Result<()> {
-    let manifest = erl_statefulset("app", 1, r#""-start_epmd", "false", "-erl_epmd_port", "9100""#, "          ports: [{containerPort: 9100}]");
+    let manifest = erl_statefulset(
+        "app",
+        1,
+        r#""-start_epmd", "false", "-erl_epmd_port", "9100""#,
+        "          ports: [{containerPort: 9100}]",
+    );
     let cluster = SimCluster::start(&manifest)?;
     let ip = cluster.pod_ip("app-0").context("pod IP")?;
     let node = format!("app@{ip}");
     // No epmd in the pod.
-    let ss = String::from_utf8_lossy(&run(cluster.pod_exec("app-0", "ss")?.arg("-Hltn"))?.stdout).to_string();
+    let ss = String::from_utf8_lossy(&run(cluster.pod_exec("app-0", "ss")?.arg("-Hltn"))?.stdout)
+        .to_string();
     assert!(ss.contains(":9100") && !ss.contains(":4369"), "{ss}");
 
     let state = TempDir::new("brstate")?;
@@ -428,20 +639,54 @@ fn epmd_less_nodes_are_reached_with_the_flags_the_banner_prints() -> Result<()> 
     let log = state.path().join("up.log");
     let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0"], &log)?;
     let banner = std::fs::read_to_string(&log)?;
-    assert!(banner.contains(&format!("pod       app-0  {ip}  Ready  no epmd  dist 9100  node {node}")), "{banner}");
-    let hint = banner.lines().find(|l| l.trim_start().starts_with("erl -name debug@127.0.0.1 -hidden")).with_context(|| banner.clone())?;
+    assert!(
+        banner.contains(&format!(
+            "pod       app-0  {ip}  Ready  no epmd  dist 9100  node {node}"
+        )),
+        "{banner}"
+    );
+    let hint = banner
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with("erl -name debug@127.0.0.1 -hidden")
+        })
+        .with_context(|| banner.clone())?;
     let words: Vec<&str> = hint.split_whitespace().collect();
-    let (from, to) = (words.iter().position(|w| *w == "-hidden").unwrap() + 1, words.iter().position(|w| *w == "-remsh").with_context(|| hint.to_string())?);
+    let (from, to) = (
+        words.iter().position(|w| *w == "-hidden").unwrap() + 1,
+        words
+            .iter()
+            .position(|w| *w == "-remsh")
+            .with_context(|| hint.to_string())?,
+    );
     let flags = &words[from..to];
-    assert_eq!(flags, ["-start_epmd", "false", "-erl_epmd_port", "9100"], "{hint}");
+    assert_eq!(
+        flags,
+        ["-start_epmd", "false", "-erl_epmd_port", "9100"],
+        "{hint}"
+    );
     assert_eq!(words[to + 1], node, "{hint}");
     // Only the dist port is redirected: no epmd port.
     let status = status_of(&cluster, &state, &session).context("status")?;
-    assert_eq!(redirects_at(&status, IpAddr::V4(ip)).into_iter().map(|(p, _)| p).collect::<Vec<_>>(), [9100], "{status:#}");
+    assert_eq!(
+        redirects_at(&status, IpAddr::V4(ip))
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect::<Vec<_>>(),
+        [9100],
+        "{status:#}"
+    );
 
     let mut erl_flags = vec!["-name", "debug@127.0.0.1"];
     erl_flags.extend(flags);
-    let out = erl_in_session(&cluster, &state, &session, &erl_flags, &ping_and_rpc(std::slice::from_ref(&node)))?;
+    let out = erl_in_session(
+        &cluster,
+        &state,
+        &session,
+        &erl_flags,
+        &ping_and_rpc(std::slice::from_ref(&node)),
+    )?;
     expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
@@ -462,13 +707,16 @@ fn epmd_less_nodes_are_reached_with_the_flags_the_banner_prints() -> Result<()> 
 ///   environment.
 #[test]
 fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> Result<()> {
-    let cluster = SimCluster::options().api_access(ApiAccess::Proxy).start(EXAMPLE_MANIFEST)?;
+    let cluster = SimCluster::options()
+        .api_access(ApiAccess::Proxy)
+        .start(EXAMPLE_MANIFEST)?;
     let proxy = cluster.proxy_url.clone().context("proxy URL")?;
     let api_host = "172.31.0.2";
     let ip = cluster.pod_ip("app-0").context("pod IP")?;
     let node = format!("app@{ip}");
     let state = TempDir::new("brstate")?;
-    let tinyproxy_log = || std::fs::read_to_string(cluster.dir.path().join("tinyproxy.log")).unwrap_or_default();
+    let tinyproxy_log =
+        || std::fs::read_to_string(cluster.dir.path().join("tinyproxy.log")).unwrap_or_default();
     let up_pings = |kubeconfig: &Path, env: &[(&str, &str)]| -> Result<String> {
         let out = cluster
             .beamredir(state.path())
@@ -478,7 +726,23 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
             .env_remove("no_proxy")
             .env("KUBECONFIG", kubeconfig)
             .envs(env.iter().copied())
-            .args(["up", "--pod", "app-0", "--session", &unique("proxy"), "--", "erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", &ping_and_rpc(std::slice::from_ref(&node))])
+            .args([
+                "up",
+                "--pod",
+                "app-0",
+                "--session",
+                &unique("proxy"),
+                "--",
+                "erl",
+                "-name",
+                "debug@127.0.0.1",
+                "-setcookie",
+                COOKIE,
+                "-hidden",
+                "-noshell",
+                "-eval",
+                &ping_and_rpc(std::slice::from_ref(&node)),
+            ])
             .env("HOME", state.path())
             .stdin(Stdio::null())
             .output()?;
@@ -493,7 +757,11 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
     assert!(out.contains(&format!("  cluster   https://{api_host}:6443 (from KUBECONFIG={}), namespace default, through proxy {proxy}", cluster.kubeconfig.display())), "{out}");
     // Every API request and port-forward went through tinyproxy (the lookup, the epmd probe,
     // the node probe, the local node's epmd and distribution connections).
-    assert!(tinyproxy_log().matches("CONNECT").count() >= connects_before + 5, "{}", tinyproxy_log());
+    assert!(
+        tinyproxy_log().matches("CONNECT").count() >= connects_before + 5,
+        "{}",
+        tinyproxy_log()
+    );
     // A NO_PROXY naming the API server does not apply to a kubeconfig's proxy-url (client-go).
     let out = up_pings(&cluster.kubeconfig, &[("NO_PROXY", api_host)])?;
     expect_pongs(&out, std::slice::from_ref(&node));
@@ -507,7 +775,13 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
     let session = unique("proxy");
     let before = Leftovers::before(&cluster)?;
     let no_proxy_kc = cluster.kubeconfig_no_proxy.to_str().unwrap();
-    let line = up_fails(&cluster, &state, &session, &["--kubeconfig", no_proxy_kc, "--pod", "app-0"], &[])?;
+    let line = up_fails(
+        &cluster,
+        &state,
+        &session,
+        &["--kubeconfig", no_proxy_kc, "--pod", "app-0"],
+        &[],
+    )?;
     assert!(
         line.starts_with(&format!(
             "beamredir: error: cannot reach the Kubernetes API server at https://{api_host}:6443 (directly: no proxy is set; if the API server is only reachable through one, set proxy-url in the kubeconfig's cluster or HTTPS_PROXY): "
@@ -517,7 +791,13 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
     before.check(&cluster, &state, &session, "no proxy")?;
     // NO_PROXY matching the API server (by address, by network, or `*`): direct, and so the same failure.
     for no_proxy in [api_host, "172.31.0.0/16", "*"] {
-        let line = up_fails(&cluster, &state, &session, &["--kubeconfig", no_proxy_kc, "--pod", "app-0"], &[("HTTPS_PROXY", &proxy), ("NO_PROXY", no_proxy)])?;
+        let line = up_fails(
+            &cluster,
+            &state,
+            &session,
+            &["--kubeconfig", no_proxy_kc, "--pod", "app-0"],
+            &[("HTTPS_PROXY", &proxy), ("NO_PROXY", no_proxy)],
+        )?;
         assert!(
             line.starts_with(&format!("beamredir: error: cannot reach the Kubernetes API server at https://{api_host}:6443 (directly: NO_PROXY matches it): ")) && line.contains("Network is unreachable"),
             "NO_PROXY={no_proxy}: {line}"
@@ -525,7 +805,13 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
         before.check(&cluster, &state, &session, "NO_PROXY")?;
     }
     // NO_PROXY naming something else (here: the proxy itself) leaves the proxy in use.
-    let out = up_pings(&cluster.kubeconfig_no_proxy, &[("HTTPS_PROXY", &proxy), ("NO_PROXY", "172.30.0.1,example.com")])?;
+    let out = up_pings(
+        &cluster.kubeconfig_no_proxy,
+        &[
+            ("HTTPS_PROXY", &proxy),
+            ("NO_PROXY", "172.30.0.1,example.com"),
+        ],
+    )?;
     expect_pongs(&out, std::slice::from_ref(&node));
 
     // The credential plugin, by bare name, only in the invoking user's ~/bin.
@@ -533,9 +819,13 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
     let plugin = unique("beamredir-test-cred-");
     let bin = home.join("bin");
     std::fs::create_dir_all(&bin)?;
-    let chown = |p: &Path| run(Command::new("chown").arg(format!("{uid}:{gid}")).arg(p)).map(|_| ());
+    let chown =
+        |p: &Path| run(Command::new("chown").arg(format!("{uid}:{gid}")).arg(p)).map(|_| ());
     chown(&bin)?;
-    let token = std::fs::read_to_string(&cluster.kubeconfig)?.lines().find_map(|l| l.trim().strip_prefix("token: ").map(String::from)).context("token")?;
+    let token = std::fs::read_to_string(&cluster.kubeconfig)?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: ").map(String::from))
+        .context("token")?;
     let witness = home.join(format!("{plugin}.env"));
     let script = bin.join(&plugin);
     std::fs::write(
@@ -549,7 +839,10 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
     chown(&script)?;
     let _cleanup = RemoveOnDrop(vec![script.clone(), witness.clone()]);
     let kc_dir = TempDir::new("brkc")?;
-    std::fs::set_permissions(kc_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::set_permissions(
+        kc_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
     let exec = |command: &str| {
         format!(
             "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: {command}\n      env:\n        - name: FROM_THE_KUBECONFIG\n          value: set-in-kubeconfig\n      interactiveMode: Never"
@@ -557,9 +850,18 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
     };
     let kubeconfig = std::fs::read_to_string(&cluster.kubeconfig)?;
     let kc = kc_dir.path().join("kubeconfig");
-    std::fs::write(&kc, kubeconfig.replace(&format!("    token: {token}"), &exec(&plugin)))?;
+    std::fs::write(
+        &kc,
+        kubeconfig.replace(&format!("    token: {token}"), &exec(&plugin)),
+    )?;
     let missing_kc = kc_dir.path().join("kubeconfig-missing");
-    std::fs::write(&missing_kc, kubeconfig.replace(&format!("    token: {token}"), &exec("no-such-credential-plugin")))?;
+    std::fs::write(
+        &missing_kc,
+        kubeconfig.replace(
+            &format!("    token: {token}"),
+            &exec("no-such-credential-plugin"),
+        ),
+    )?;
     // Exactly what `sudo beamredir up` passes on (Debian's sudoers: env_reset, secure_path).
     let sudo = |kubeconfig: &Path| {
         let mut cmd = cluster.ws.command(beamredir_bin());
@@ -580,7 +882,14 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
             .env("BEAMREDIR_STATE_DIR", state.path())
             .args(["up", "--kubeconfig"])
             .arg(kubeconfig)
-            .args(["--pod", "app-0", "--session", &unique("plugin"), "--", "true"])
+            .args([
+                "--pod",
+                "app-0",
+                "--session",
+                &unique("plugin"),
+                "--",
+                "true",
+            ])
             .stdin(Stdio::null());
         cmd
     };
@@ -589,16 +898,38 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
     let seen = std::fs::read_to_string(&witness).context("the plugin did not run")?;
     eprintln!("the credential plugin's environment:\n{seen}");
     let vars: Vec<&str> = seen.lines().collect();
-    for want in [format!("UID={uid}"), format!("HOME={}", home.display()), format!("USER={user}"), "FROM_THE_KUBECONFIG=set-in-kubeconfig".into()] {
-        assert!(vars.contains(&want.as_str()), "{want} not in the plugin's environment:\n{seen}");
+    for want in [
+        format!("UID={uid}"),
+        format!("HOME={}", home.display()),
+        format!("USER={user}"),
+        "FROM_THE_KUBECONFIG=set-in-kubeconfig".into(),
+    ] {
+        assert!(
+            vars.contains(&want.as_str()),
+            "{want} not in the plugin's environment:\n{seen}"
+        );
     }
-    let path = vars.iter().find_map(|v| v.strip_prefix("PATH=")).context("no PATH")?;
-    assert!(path.split(':').any(|d| Path::new(d) == bin), "the user's ~/bin is on the plugin's PATH: {path}");
-    assert!(!vars.iter().any(|v| v.starts_with("SUDO_") || *v == "HOME=/root" || v.starts_with("MAIL=")), "root's environment leaked:\n{seen}");
+    let path = vars
+        .iter()
+        .find_map(|v| v.strip_prefix("PATH="))
+        .context("no PATH")?;
+    assert!(
+        path.split(':').any(|d| Path::new(d) == bin),
+        "the user's ~/bin is on the plugin's PATH: {path}"
+    );
+    assert!(
+        !vars
+            .iter()
+            .any(|v| v.starts_with("SUDO_") || *v == "HOME=/root" || v.starts_with("MAIL=")),
+        "root's environment leaked:\n{seen}"
+    );
     // A plugin found nowhere: one line naming it and where it was looked for.
     let out = sudo(&missing_kc).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert!(!out.status.success() && stderr.lines().count() == 1, "{stderr}");
+    assert!(
+        !out.status.success() && stderr.lines().count() == 1,
+        "{stderr}"
+    );
     assert!(
         stderr.starts_with("beamredir: error: credential plugin \"no-such-credential-plugin\" (kubeconfig user \"sim-admin\") was not found in your PATH (looked in ")
             && stderr.contains(&bin.display().to_string()),
@@ -656,7 +987,9 @@ spec:
           env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
           ports: [{name: epmd, containerPort: 4369}, {name: erlang, containerPort: 9000}]
 "#;
-    let cluster = SimCluster::options().ip_family(IpFamily::DualStackV6Primary).start(manifest)?;
+    let cluster = SimCluster::options()
+        .ip_family(IpFamily::DualStackV6Primary)
+        .start(manifest)?;
     let ips = cluster.pod_ips("app-0");
     let (v6, v4) = match ips[..] {
         [v6 @ IpAddr::V6(_), v4 @ IpAddr::V4(_)] => (v6, v4),
@@ -668,30 +1001,66 @@ spec:
     let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
     let status = status_of(&cluster, &state, &session).context("status")?;
     for ip in [v6, v4] {
-        let ports: BTreeSet<u16> = redirects_at(&status, ip).into_iter().map(|(p, _)| p).collect();
+        let ports: BTreeSet<u16> = redirects_at(&status, ip)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
         assert_eq!(ports, [4369, 9000].into(), "{ip}: {status:#}");
     }
     let pod = pod_info(&status, "app-0").context("pod")?;
-    assert_eq!(pod["ips"], json!([v6.to_string(), v4.to_string()]), "{status:#}");
+    assert_eq!(
+        pod["ips"],
+        json!([v6.to_string(), v4.to_string()]),
+        "{status:#}"
+    );
     let hosts = std::fs::read_to_string(state.path().join(format!("{session}.hosts")))?;
     for ip in [v6, v4] {
-        let line = hosts.lines().find(|l| l.split_whitespace().next() == Some(&ip.to_string())).with_context(|| hosts.clone())?;
-        assert!(line.split_whitespace().any(|n| n == "app-0.app.default.svc.cluster.local"), "{hosts}");
+        let line = hosts
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&ip.to_string()))
+            .with_context(|| hosts.clone())?;
+        assert!(
+            line.split_whitespace()
+                .any(|n| n == "app-0.app.default.svc.cluster.local"),
+            "{hosts}"
+        );
     }
     let node = "app@app-0.app.default.svc.cluster.local".to_string();
-    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(std::slice::from_ref(&node)))?;
+    let out = erl_in_session(
+        &cluster,
+        &state,
+        &session,
+        &["-name", "debug@127.0.0.1"],
+        &ping_and_rpc(std::slice::from_ref(&node)),
+    )?;
     expect_pongs(&out, std::slice::from_ref(&node));
     // IPv6 still reaches the pod: NAMES to its epmd at [v6]:4369.
     let names = "import socket,sys; s=socket.create_connection((sys.argv[1], 4369), timeout=10); s.sendall(b'\\x00\\x01n'); d=b''\nwhile True:\n  c=s.recv(4096)\n  if not c: break\n  d+=c\nprint(d[4:].decode())";
-    let out = run(cluster.beamredir(state.path()).args(["exec", "--session", &session, "--", "python3", "-c", names, &v6.to_string()]))?;
-    assert!(String::from_utf8_lossy(&out.stdout).contains("name app at port 9000"), "{}", text(&out));
+    let out = run(cluster.beamredir(state.path()).args([
+        "exec",
+        "--session",
+        &session,
+        "--",
+        "python3",
+        "-c",
+        names,
+        &v6.to_string(),
+    ]))?;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("name app at port 9000"),
+        "{}",
+        text(&out)
+    );
     Ok(())
 }
 
 /// The session's hosts file line for `ip`, as its names.
 fn host_names(state: &TempDir, session: &str, ip: IpAddr) -> Result<Vec<String>> {
     let hosts = std::fs::read_to_string(state.path().join(format!("{session}.hosts")))?;
-    let line = hosts.lines().find(|l| l.split_whitespace().next() == Some(&ip.to_string())).with_context(|| format!("{ip} not in:\n{hosts}"))?;
+    let line = hosts
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&ip.to_string()))
+        .with_context(|| format!("{ip} not in:\n{hosts}"))?;
     Ok(line.split_whitespace().skip(1).map(String::from).collect())
 }
 
@@ -708,14 +1077,30 @@ fn sname_cluster_is_reached_by_short_host_names() -> Result<()> {
     for i in 0..3 {
         let ip = cluster.pod_ip(&format!("app-{i}")).context("pod IP")?;
         let names = host_names(&state, &session, IpAddr::V4(ip))?;
-        for want in [format!("app-{i}"), format!("app-{i}.app.default.svc.cluster.local"), format!("{}.default.pod.cluster.local", ip.to_string().replace('.', "-"))] {
+        for want in [
+            format!("app-{i}"),
+            format!("app-{i}.app.default.svc.cluster.local"),
+            format!(
+                "{}.default.pod.cluster.local",
+                ip.to_string().replace('.', "-")
+            ),
+        ] {
             assert!(names.contains(&want), "{want} not in {names:?}");
         }
     }
     let banner = std::fs::read_to_string(&log)?;
-    assert!(banner.contains("erl -sname debug -hidden -remsh app@app-0"), "{banner}");
+    assert!(
+        banner.contains("erl -sname debug -hidden -remsh app@app-0"),
+        "{banner}"
+    );
     let nodes: Vec<String> = (0..3).map(|i| format!("app@app-{i}")).collect();
-    let out = erl_in_session(&cluster, &state, &session, &["-sname", "debug"], &ping_and_rpc(&nodes))?;
+    let out = erl_in_session(
+        &cluster,
+        &state,
+        &session,
+        &["-sname", "debug"],
+        &ping_and_rpc(&nodes),
+    )?;
     expect_pongs(&out, &nodes);
     Ok(())
 }
@@ -727,9 +1112,31 @@ fn pod_a_record_cluster_is_reached_by_its_dashed_names() -> Result<()> {
     let cluster = SimCluster::start(include_str!("../manifests/pod-a-records.yaml"))?;
     let state = TempDir::new("brstate")?;
     let session = unique("arec");
-    let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &state.path().join("up.log"))?;
-    let nodes: Vec<String> = (0..3).map(|i| format!("app@{}.default.pod.cluster.local", cluster.pod_ip(&format!("app-{i}")).unwrap().to_string().replace('.', "-"))).collect();
-    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(&nodes))?;
+    let _up = cluster.start_up_session(
+        state.path(),
+        &session,
+        &["--statefulset", "app"],
+        &state.path().join("up.log"),
+    )?;
+    let nodes: Vec<String> = (0..3)
+        .map(|i| {
+            format!(
+                "app@{}.default.pod.cluster.local",
+                cluster
+                    .pod_ip(&format!("app-{i}"))
+                    .unwrap()
+                    .to_string()
+                    .replace('.', "-")
+            )
+        })
+        .collect();
+    let out = erl_in_session(
+        &cluster,
+        &state,
+        &session,
+        &["-name", "debug@127.0.0.1"],
+        &ping_and_rpc(&nodes),
+    )?;
     expect_pongs(&out, &nodes);
     Ok(())
 }
@@ -743,15 +1150,36 @@ fn the_erlang_container_is_found_behind_a_sidecar() -> Result<()> {
     let ip = cluster.pod_ip("app-0").context("pod IP")?;
     let node = format!("app@{ip}");
     let state = TempDir::new("brstate")?;
-    let out = cluster.beamredir(state.path()).args(["rpc", "app-0", "node()."]).env_remove("ERLANG_COOKIE").env_remove("RELEASE_COOKIE").env("HOME", state.path()).stdin(Stdio::null()).output()?;
+    let out = cluster
+        .beamredir(state.path())
+        .args(["rpc", "app-0", "node()."])
+        .env_remove("ERLANG_COOKIE")
+        .env_remove("RELEASE_COOKIE")
+        .env("HOME", state.path())
+        .stdin(Stdio::null())
+        .output()?;
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("'{node}'"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("'{node}'")
+    );
     let session = unique("sidecar");
     let log = state.path().join("up.log");
     let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0"], &log)?;
     let banner = std::fs::read_to_string(&log)?;
-    assert!(banner.contains(&format!("pod       app-0  {ip}  Ready  epmd 4369  dist 9000  node {node}")), "{banner}");
-    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(std::slice::from_ref(&node)))?;
+    assert!(
+        banner.contains(&format!(
+            "pod       app-0  {ip}  Ready  epmd 4369  dist 9000  node {node}"
+        )),
+        "{banner}"
+    );
+    let out = erl_in_session(
+        &cluster,
+        &state,
+        &session,
+        &["-name", "debug@127.0.0.1"],
+        &ping_and_rpc(std::slice::from_ref(&node)),
+    )?;
     expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
@@ -799,20 +1227,29 @@ fn seen(cluster: &SimCluster, status: &Value, pod: &str) -> Option<Seen> {
     let ip = IpAddr::V4(cluster.pod_ip(pod)?);
     let mut ports = redirects_at(status, ip);
     ports.sort();
-    Some(Seen { ip, uid: p.metadata.uid?, ports })
+    Some(Seen {
+        ip,
+        uid: p.metadata.uid?,
+        ports,
+    })
 }
 
 /// The pod's distribution port, from its own epmd.
 fn dist_port(cluster: &SimCluster, pod: &str) -> Result<u16> {
     let out = run(cluster.pod_exec(pod, "epmd")?.arg("-names"))?;
     let t = String::from_utf8_lossy(&out.stdout).to_string();
-    t.lines().find_map(|l| l.strip_prefix("name app at port ")?.trim().parse().ok()).with_context(|| t.clone())
+    t.lines()
+        .find_map(|l| l.strip_prefix("name app at port ")?.trim().parse().ok())
+        .with_context(|| t.clone())
 }
 
 /// Stops the API server, runs `change` (pods replaced meanwhile), waits until `settled` says the
 /// cluster is where the test wants it, compacts the history (any watch resuming from before
 /// gets 410 Expired), starts the API server again. Returns the audit position of the restart.
-fn while_the_api_server_is_away(cluster: &SimCluster, change: impl FnOnce() -> Result<()>) -> Result<usize> {
+fn while_the_api_server_is_away(
+    cluster: &SimCluster,
+    change: impl FnOnce() -> Result<()>,
+) -> Result<usize> {
     cluster.stop_api_server();
     let changed = change();
     cluster.compact_now();
@@ -824,17 +1261,37 @@ fn while_the_api_server_is_away(cluster: &SimCluster, change: impl FnOnce() -> R
 
 /// Waits until the session holds exactly `want` (pod → its address and ports) and returns the
 /// status; the new incarnations reached it only through a relist.
-fn converged(cluster: &SimCluster, state: &TempDir, session: &str, log: &Path, want: &[(&str, IpAddr, BTreeSet<u16>)]) -> Result<Value> {
+fn converged(
+    cluster: &SimCluster,
+    state: &TempDir,
+    session: &str,
+    log: &Path,
+    want: &[(&str, IpAddr, BTreeSet<u16>)],
+) -> Result<Value> {
     let mut last = Value::Null;
-    wait_until("the session to follow the pods' new incarnations", Duration::from_secs(90), || {
-        let Some(status) = status_of(cluster, state, session) else { return false };
-        last = status.clone();
-        want.iter().all(|(pod, ip, ports)| {
-            let have: BTreeSet<u16> = redirects_at(&status, *ip).into_iter().map(|(p, _)| p).collect();
-            pod_info(&status, pod).is_some_and(|p| p["ip"] == ip.to_string()) && &have == ports
-        })
-    })
-    .with_context(|| format!("status: {last:#}\nlog:\n{}", std::fs::read_to_string(log).unwrap_or_default()))?;
+    wait_until(
+        "the session to follow the pods' new incarnations",
+        Duration::from_secs(90),
+        || {
+            let Some(status) = status_of(cluster, state, session) else {
+                return false;
+            };
+            last = status.clone();
+            want.iter().all(|(pod, ip, ports)| {
+                let have: BTreeSet<u16> = redirects_at(&status, *ip)
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .collect();
+                pod_info(&status, pod).is_some_and(|p| p["ip"] == ip.to_string()) && &have == ports
+            })
+        },
+    )
+    .with_context(|| {
+        format!(
+            "status: {last:#}\nlog:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    })?;
     Ok(last)
 }
 
@@ -846,15 +1303,31 @@ fn converged(cluster: &SimCluster, state: &TempDir, session: &str, log: &Path, w
 /// gone), and a local node reaches the new node.
 #[test]
 fn a_pod_replaced_while_the_api_server_was_away_is_followed_after_the_relist() -> Result<()> {
-    let cluster = SimCluster::options().history(HistoryWindow::Events(20)).start(RANDOM_PORT_NODES)?;
+    let cluster = SimCluster::options()
+        .history(HistoryWindow::Events(20))
+        .start(RANDOM_PORT_NODES)?;
     let state = TempDir::new("brstate")?;
     let session = unique("relist");
     let log = state.path().join("up.log");
     let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
-    let status = converged(&cluster, &state, &session, &log, &[
-        ("app-0", IpAddr::V4(cluster.pod_ip("app-0").unwrap()), [4369, dist_port(&cluster, "app-0")?].into()),
-        ("app-1", IpAddr::V4(cluster.pod_ip("app-1").unwrap()), [4369, dist_port(&cluster, "app-1")?].into()),
-    ])?;
+    let status = converged(
+        &cluster,
+        &state,
+        &session,
+        &log,
+        &[
+            (
+                "app-0",
+                IpAddr::V4(cluster.pod_ip("app-0").unwrap()),
+                [4369, dist_port(&cluster, "app-0")?].into(),
+            ),
+            (
+                "app-1",
+                IpAddr::V4(cluster.pod_ip("app-1").unwrap()),
+                [4369, dist_port(&cluster, "app-1")?].into(),
+            ),
+        ],
+    )?;
     let old = seen(&cluster, &status, "app-0").context("app-0")?;
     let old_port = dist_port(&cluster, "app-0")?;
 
@@ -866,14 +1339,37 @@ fn a_pod_replaced_while_the_api_server_was_away_is_followed_after_the_relist() -
     let new_ip = IpAddr::V4(cluster.pod_ip("app-0").context("app-0")?);
     assert_ne!(new_ip, old.ip, "round-robin IPAM gives a new address");
     let new_port = dist_port(&cluster, "app-0")?;
-    let status = converged(&cluster, &state, &session, &log, &[("app-0", new_ip, [4369, new_port].into())])?;
+    let status = converged(
+        &cluster,
+        &state,
+        &session,
+        &log,
+        &[("app-0", new_ip, [4369, new_port].into())],
+    )?;
     if new_port != old_port {
-        assert!(redirects(&status).iter().all(|(pod, _)| !pod.ends_with(&format!(":{old_port}"))), "the old dist port's forward went: {status:#}");
+        assert!(
+            redirects(&status)
+                .iter()
+                .all(|(pod, _)| !pod.ends_with(&format!(":{old_port}"))),
+            "the old dist port's forward went: {status:#}"
+        );
     }
     // It was a relist: the pods were listed again after the API server came back.
-    assert!(cluster.audit()[mark..].iter().any(|a| a.starts_with("list pods default/")), "{:?}", &cluster.audit()[mark..]);
+    assert!(
+        cluster.audit()[mark..]
+            .iter()
+            .any(|a| a.starts_with("list pods default/")),
+        "{:?}",
+        &cluster.audit()[mark..]
+    );
     let node = format!("app@{new_ip}");
-    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(std::slice::from_ref(&node)))?;
+    let out = erl_in_session(
+        &cluster,
+        &state,
+        &session,
+        &["-name", "debug@127.0.0.1"],
+        &ping_and_rpc(std::slice::from_ref(&node)),
+    )?;
     expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
@@ -885,37 +1381,104 @@ fn a_pod_replaced_while_the_api_server_was_away_is_followed_after_the_relist() -
 /// and a new dist port: same address, so only the uid says it is new, and its redirects still
 /// change to the new port.
 #[test]
-fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_session_follows() -> Result<()> {
-    let cluster = SimCluster::options().history(HistoryWindow::Events(20)).ip_allocation(IpAllocation::LowestFree).start(RANDOM_PORT_NODES)?;
+fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_session_follows()
+-> Result<()> {
+    let cluster = SimCluster::options()
+        .history(HistoryWindow::Events(20))
+        .ip_allocation(IpAllocation::LowestFree)
+        .start(RANDOM_PORT_NODES)?;
     let state = TempDir::new("brstate")?;
     let session = unique("reuse");
     let log = state.path().join("up.log");
     let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
-    let status = converged(&cluster, &state, &session, &log, &[
-        ("app-0", IpAddr::V4(cluster.pod_ip("app-0").unwrap()), [4369, dist_port(&cluster, "app-0")?].into()),
-        ("app-1", IpAddr::V4(cluster.pod_ip("app-1").unwrap()), [4369, dist_port(&cluster, "app-1")?].into()),
-    ])?;
-    let (old0, old1) = (seen(&cluster, &status, "app-0").context("app-0")?, seen(&cluster, &status, "app-1").context("app-1")?);
-    let epmd_forward = |s: &Seen| s.ports.iter().find(|(p, _)| *p == 4369).map(|(_, l)| l.clone()).unwrap();
+    let status = converged(
+        &cluster,
+        &state,
+        &session,
+        &log,
+        &[
+            (
+                "app-0",
+                IpAddr::V4(cluster.pod_ip("app-0").unwrap()),
+                [4369, dist_port(&cluster, "app-0")?].into(),
+            ),
+            (
+                "app-1",
+                IpAddr::V4(cluster.pod_ip("app-1").unwrap()),
+                [4369, dist_port(&cluster, "app-1")?].into(),
+            ),
+        ],
+    )?;
+    let (old0, old1) = (
+        seen(&cluster, &status, "app-0").context("app-0")?,
+        seen(&cluster, &status, "app-1").context("app-1")?,
+    );
+    let epmd_forward = |s: &Seen| {
+        s.ports
+            .iter()
+            .find(|(p, _)| *p == 4369)
+            .map(|(_, l)| l.clone())
+            .unwrap()
+    };
     let (forward0, forward1) = (epmd_forward(&old0), epmd_forward(&old1));
 
     // (1) The swap.
     while_the_api_server_is_away(&cluster, || {
         let (taker_old, freed_old) = cluster.replace_reusing_ip("app-1", "app-0")?;
-        ensure!((taker_old, freed_old) == (old0.ip, old1.ip), "{taker_old} {freed_old}");
+        ensure!(
+            (taker_old, freed_old) == (old0.ip, old1.ip),
+            "{taker_old} {freed_old}"
+        );
         cluster.wait_replaced("app-0", Some(&old0.uid), Duration::from_secs(60))?;
         cluster.wait_replaced("app-1", Some(&old1.uid), Duration::from_secs(60))?;
         Ok(())
     })?;
-    assert_eq!((IpAddr::V4(cluster.pod_ip("app-0").unwrap()), IpAddr::V4(cluster.pod_ip("app-1").unwrap())), (old1.ip, old0.ip), "swapped");
-    let status = converged(&cluster, &state, &session, &log, &[
-        ("app-0", old1.ip, [4369, dist_port(&cluster, "app-0")?].into()),
-        ("app-1", old0.ip, [4369, dist_port(&cluster, "app-1")?].into()),
-    ])?;
-    let at = |ip: IpAddr| redirects_at(&status, ip).into_iter().find(|(p, _)| *p == 4369).map(|(_, l)| l).unwrap();
-    assert_eq!((at(old1.ip), at(old0.ip)), (forward0, forward1), "each address goes to its new owner's forward: {status:#}");
+    assert_eq!(
+        (
+            IpAddr::V4(cluster.pod_ip("app-0").unwrap()),
+            IpAddr::V4(cluster.pod_ip("app-1").unwrap())
+        ),
+        (old1.ip, old0.ip),
+        "swapped"
+    );
+    let status = converged(
+        &cluster,
+        &state,
+        &session,
+        &log,
+        &[
+            (
+                "app-0",
+                old1.ip,
+                [4369, dist_port(&cluster, "app-0")?].into(),
+            ),
+            (
+                "app-1",
+                old0.ip,
+                [4369, dist_port(&cluster, "app-1")?].into(),
+            ),
+        ],
+    )?;
+    let at = |ip: IpAddr| {
+        redirects_at(&status, ip)
+            .into_iter()
+            .find(|(p, _)| *p == 4369)
+            .map(|(_, l)| l)
+            .unwrap()
+    };
+    assert_eq!(
+        (at(old1.ip), at(old0.ip)),
+        (forward0, forward1),
+        "each address goes to its new owner's forward: {status:#}"
+    );
     let nodes = vec![format!("app@{}", old1.ip), format!("app@{}", old0.ip)];
-    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(&nodes))?;
+    let out = erl_in_session(
+        &cluster,
+        &state,
+        &session,
+        &["-name", "debug@127.0.0.1"],
+        &ping_and_rpc(&nodes),
+    )?;
     expect_pongs(&out, &nodes);
 
     // (2) Back at its own address.
@@ -926,15 +1489,33 @@ fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_sessi
         cluster.wait_replaced("app-0", Some(&before.uid), Duration::from_secs(60))?;
         Ok(())
     })?;
-    assert_eq!(IpAddr::V4(cluster.pod_ip("app-0").unwrap()), before.ip, "lowest-free IPAM gives the address back");
+    assert_eq!(
+        IpAddr::V4(cluster.pod_ip("app-0").unwrap()),
+        before.ip,
+        "lowest-free IPAM gives the address back"
+    );
     let new_port = dist_port(&cluster, "app-0")?;
-    let status = converged(&cluster, &state, &session, &log, &[("app-0", before.ip, [4369, new_port].into())])?;
+    let status = converged(
+        &cluster,
+        &state,
+        &session,
+        &log,
+        &[("app-0", before.ip, [4369, new_port].into())],
+    )?;
     if new_port == old_port {
-        eprintln!("the new incarnation drew the same random port {new_port}; only the ping below checks it");
+        eprintln!(
+            "the new incarnation drew the same random port {new_port}; only the ping below checks it"
+        );
     }
     let _ = status;
     let node = format!("app@{}", before.ip);
-    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(std::slice::from_ref(&node)))?;
+    let out = erl_in_session(
+        &cluster,
+        &state,
+        &session,
+        &["-name", "debug@127.0.0.1"],
+        &ping_and_rpc(std::slice::from_ref(&node)),
+    )?;
     expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
@@ -946,35 +1527,71 @@ fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_sessi
 /// app-1's forwards for 30 s. `status` shows that alias and when it expires.
 #[test]
 fn a_node_that_still_has_the_old_address_of_a_moved_pod_reaches_it() -> Result<()> {
-    let manifest = include_str!("../manifests/erlang-cluster.yaml").replace("replicas: 3", "replicas: 2");
+    let manifest =
+        include_str!("../manifests/erlang-cluster.yaml").replace("replicas: 3", "replicas: 2");
     let cluster = SimCluster::start(&manifest)?;
     let state = TempDir::new("brstate")?;
     let session = unique("alias");
     let log = state.path().join("up.log");
     let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
     let old_ip = IpAddr::V4(cluster.pod_ip("app-1").context("app-1")?);
-    converged(&cluster, &state, &session, &log, &[("app-1", old_ip, [4369, dist_port(&cluster, "app-1")?].into())])?;
+    converged(
+        &cluster,
+        &state,
+        &session,
+        &log,
+        &[(
+            "app-1",
+            old_ip,
+            [4369, dist_port(&cluster, "app-1")?].into(),
+        )],
+    )?;
     // The local node's resolver, as it was before the move.
     let frozen = TempDir::new("brfrozen")?;
     let hosts = frozen.path().join("hosts");
     std::fs::copy(state.path().join(format!("{session}.hosts")), &hosts)?;
     let inetrc = frozen.path().join("inetrc");
-    std::fs::write(&inetrc, format!("{{hosts_file, \"{}\"}}.\n{{lookup, [file]}}.\n", hosts.display()))?;
+    std::fs::write(
+        &inetrc,
+        format!(
+            "{{hosts_file, \"{}\"}}.\n{{lookup, [file]}}.\n",
+            hosts.display()
+        ),
+    )?;
 
     let uid = cluster.pod("default", "app-1").and_then(|p| p.metadata.uid);
     cluster.delete_pod("app-1")?;
     cluster.wait_replaced("app-1", uid.as_deref(), Duration::from_secs(60))?;
     let new_ip = IpAddr::V4(cluster.pod_ip("app-1").context("app-1")?);
     assert_ne!(new_ip, old_ip);
-    let status = converged(&cluster, &state, &session, &log, &[("app-1", new_ip, [4369, dist_port(&cluster, "app-1")?].into())])?;
+    let status = converged(
+        &cluster,
+        &state,
+        &session,
+        &log,
+        &[(
+            "app-1",
+            new_ip,
+            [4369, dist_port(&cluster, "app-1")?].into(),
+        )],
+    )?;
     let alias = &pod_info(&status, "app-1").context("app-1")?["aliases"];
     assert_eq!(alias[0]["ip"], old_ip.to_string(), "{status:#}");
     let expires = alias[0]["expires_in_secs"].as_u64().context("expiry")?;
     assert!(expires > 0 && expires <= 30, "{status:#}");
-    let table = String::from_utf8_lossy(&run(cluster.beamredir(state.path()).arg("status"))?.stdout).to_string();
-    assert!(table.contains(&format!("old IP {old_ip} still reaches this pod for ")), "{table}");
+    let table =
+        String::from_utf8_lossy(&run(cluster.beamredir(state.path()).arg("status"))?.stdout)
+            .to_string();
+    assert!(
+        table.contains(&format!("old IP {old_ip} still reaches this pod for ")),
+        "{table}"
+    );
     // The old address goes to the same forwards as the new one.
-    let by_port = |ip: IpAddr| redirects_at(&status, ip).into_iter().collect::<std::collections::BTreeMap<_, _>>();
+    let by_port = |ip: IpAddr| {
+        redirects_at(&status, ip)
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
     assert_eq!(by_port(old_ip), by_port(new_ip), "{status:#}");
 
     let node = "app@app-1.app.default.svc.cluster.local";
@@ -984,8 +1601,25 @@ fn a_node_that_still_has_the_old_address_of_a_moved_pod_reaches_it() -> Result<(
     );
     let out = cluster
         .beamredir(state.path())
-        .args(["exec", "--session", &session, "--", "env", &format!("ERL_INETRC={}", inetrc.display())])
-        .args(["erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", &script])
+        .args([
+            "exec",
+            "--session",
+            &session,
+            "--",
+            "env",
+            &format!("ERL_INETRC={}", inetrc.display()),
+        ])
+        .args([
+            "erl",
+            "-name",
+            "debug@127.0.0.1",
+            "-setcookie",
+            COOKIE,
+            "-hidden",
+            "-noshell",
+            "-eval",
+            &script,
+        ])
         .env("HOME", state.path())
         .stdin(Stdio::null())
         .output()?;
@@ -993,7 +1627,10 @@ fn a_node_that_still_has_the_old_address_of_a_moved_pod_reaches_it() -> Result<(
     assert!(out.contains(&format!("resolved={old_ip}")), "{out}");
     expect_pongs(&out, &[node.to_string()]);
     let after = status_of(&cluster, &state, &session).context("status")?;
-    assert!(connects_at(&after, &format!("{old_ip}:4369")) >= 1, "the node went through the old address: {after:#}");
+    assert!(
+        connects_at(&after, &format!("{old_ip}:4369")) >= 1,
+        "the node went through the old address: {after:#}"
+    );
     Ok(())
 }
 
@@ -1063,8 +1700,17 @@ spec:
 /// while it fails and is retried.
 #[test]
 fn many_pods_over_a_slow_link_all_come_up_and_a_silent_pod_delays_none() -> Result<()> {
-    let manifest = [small_nodes("one", 1, "one"), small_nodes("ten", 10, "ten"), small_nodes("twenty", 20, "twenty"), SILENT_EPMD.to_string()].join("\n---\n");
-    let cluster = SimCluster::options().api_access(ApiAccess::Delayed(Duration::from_millis(80))).wait_ready(false).start(&manifest)?;
+    let manifest = [
+        small_nodes("one", 1, "one"),
+        small_nodes("ten", 10, "ten"),
+        small_nodes("twenty", 20, "twenty"),
+        SILENT_EPMD.to_string(),
+    ]
+    .join("\n---\n");
+    let cluster = SimCluster::options()
+        .api_access(ApiAccess::Delayed(Duration::from_millis(80)))
+        .wait_ready(false)
+        .start(&manifest)?;
     for (sts, n) in [("one", 1), ("ten", 10), ("twenty", 20)] {
         for i in 0..n {
             cluster.wait_ready("default", &format!("{sts}-{i}"), Duration::from_secs(180))?;
@@ -1073,7 +1719,14 @@ fn many_pods_over_a_slow_link_all_come_up_and_a_silent_pod_delays_none() -> Resu
     cluster.wait_ready("default", "silent-0", Duration::from_secs(60))?;
     let state = TempDir::new("brstate")?;
     let mut timings = Vec::new();
-    for (sts, n) in [("one", 1usize), ("ten", 10), ("twenty", 20), ("one", 1), ("ten", 10), ("twenty", 20)] {
+    for (sts, n) in [
+        ("one", 1usize),
+        ("ten", 10),
+        ("twenty", 20),
+        ("one", 1),
+        ("ten", 10),
+        ("twenty", 20),
+    ] {
         let session = unique(sts);
         let log = state.path().join(format!("{session}.log"));
         let started = Instant::now();
@@ -1087,30 +1740,70 @@ fn many_pods_over_a_slow_link_all_come_up_and_a_silent_pod_delays_none() -> Resu
         timings.push(format!("{n} pod(s): {} ms", ready.as_millis()));
         drop(up);
     }
-    eprintln!("time to ready (spawn to a running session), 80 ms RTT to the API server: {}", timings.join(", "));
+    eprintln!(
+        "time to ready (spawn to a running session), 80 ms RTT to the API server: {}",
+        timings.join(", ")
+    );
 
     // The silent pod among ten healthy ones.
     let session = unique("silent");
     let log = state.path().join("silent.log");
-    let _up = cluster.start_up_session(state.path(), &session, &["-l", "group=ten", "--upgrade-timeout", "10s"], &log)?;
-    let ten_redirected = |status: &Value| (0..10).all(|i| redirects_at(status, IpAddr::V4(cluster.pod_ip(&format!("ten-{i}")).unwrap())).len() == 2);
+    let _up = cluster.start_up_session(
+        state.path(),
+        &session,
+        &["-l", "group=ten", "--upgrade-timeout", "10s"],
+        &log,
+    )?;
+    let ten_redirected = |status: &Value| {
+        (0..10).all(|i| {
+            redirects_at(
+                status,
+                IpAddr::V4(cluster.pod_ip(&format!("ten-{i}")).unwrap()),
+            )
+            .len()
+                == 2
+        })
+    };
     let status = status_of(&cluster, &state, &session).context("status")?;
     assert!(ten_redirected(&status), "{status:#}");
-    assert_eq!(pod_info(&status, "silent-0").context("silent-0")?["state"], "starting", "the session waited for the silent pod: {status:#}");
+    assert_eq!(
+        pod_info(&status, "silent-0").context("silent-0")?["state"],
+        "starting",
+        "the session waited for the silent pod: {status:#}"
+    );
     let log_text = std::fs::read_to_string(&log)?;
     assert!(log_text.contains("pod default/silent-0 is still being brought up; the session starts without it and follows it"), "{log_text}");
     let mut last = Value::Null;
-    wait_until("the silent pod's first attempt to fail", Duration::from_secs(60), || {
-        last = status_of(&cluster, &state, &session).unwrap_or(Value::Null);
-        pod_info(&last, "silent-0").and_then(|p| p["state"].as_str()).is_some_and(|s| s.starts_with("unreachable: "))
-    })
+    wait_until(
+        "the silent pod's first attempt to fail",
+        Duration::from_secs(60),
+        || {
+            last = status_of(&cluster, &state, &session).unwrap_or(Value::Null);
+            pod_info(&last, "silent-0")
+                .and_then(|p| p["state"].as_str())
+                .is_some_and(|s| s.starts_with("unreachable: "))
+        },
+    )
     .with_context(|| format!("{last:#}"))?;
     assert!(ten_redirected(&last), "{last:#}");
     let silent = pod_info(&last, "silent-0").unwrap();
-    assert_eq!(silent["state"], "unreachable: port-forward to silent-0 port 4369: no answer from the pod's epmd within 20s", "{last:#}");
-    assert!(redirects_at(&last, IpAddr::V4(cluster.pod_ip("silent-0").unwrap())).is_empty(), "{last:#}");
+    assert_eq!(
+        silent["state"],
+        "unreachable: port-forward to silent-0 port 4369: no answer from the pod's epmd within 20s",
+        "{last:#}"
+    );
+    assert!(
+        redirects_at(&last, IpAddr::V4(cluster.pod_ip("silent-0").unwrap())).is_empty(),
+        "{last:#}"
+    );
     let node = format!("app@{}", cluster.pod_ip("ten-9").unwrap());
-    let out = erl_in_session(&cluster, &state, &session, &["-name", "debug@127.0.0.1"], &ping_and_rpc(std::slice::from_ref(&node)))?;
+    let out = erl_in_session(
+        &cluster,
+        &state,
+        &session,
+        &["-name", "debug@127.0.0.1"],
+        &ping_and_rpc(std::slice::from_ref(&node)),
+    )?;
     expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
@@ -1162,8 +1855,19 @@ impl KernelBed {
         let state = TempDir::new("brstate")?;
         let forward = TcpListenerThread::start(&ws)?;
         let unmapped = TcpListenerThread::start(&ws)?;
-        let dead_port = ws.in_ns(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map(|l| l.local_addr().unwrap().port()))??;
-        let mut bed = KernelBed { pod: unique_pod_ip(), ws, state, session: unique("k"), forward, unmapped, dead_port, _map: None };
+        let dead_port = ws.in_ns(|| {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map(|l| l.local_addr().unwrap().port())
+        })??;
+        let mut bed = KernelBed {
+            pod: unique_pod_ip(),
+            ws,
+            state,
+            session: unique("k"),
+            forward,
+            unmapped,
+            dead_port,
+            _map: None,
+        };
         let child = bed
             .beamredir()
             .args(["map", "--session", &bed.session])
@@ -1193,11 +1897,16 @@ impl KernelBed {
     fn status(&self) -> Option<Value> {
         let out = self.beamredir().args(["status", "--json"]).output().ok()?;
         let all: Value = serde_json::from_slice(&out.stdout).ok()?;
-        all.as_array()?.iter().find(|s| s["name"] == self.session.as_str()).cloned()
+        all.as_array()?
+            .iter()
+            .find(|s| s["name"] == self.session.as_str())
+            .cloned()
     }
 
     fn connects(&self, port: u16) -> u64 {
-        self.status().map(|s| connects_at(&s, &format!("{}:{port}", self.pod))).unwrap_or(u64::MAX)
+        self.status()
+            .map(|s| connects_at(&s, &format!("{}:{port}", self.pod)))
+            .unwrap_or(u64::MAX)
     }
 
     /// `python3 -c SCRIPT ARGS` in the session (optionally through `nsenter --net=NS` first).
@@ -1205,9 +1914,14 @@ impl KernelBed {
         let mut cmd = self.beamredir();
         cmd.args(["exec", "--session", &self.session, "--"]);
         if let Some(ns) = netns {
-            cmd.arg("nsenter").arg(format!("--net={}", ns.path().display())).arg("--");
+            cmd.arg("nsenter")
+                .arg(format!("--net={}", ns.path().display()))
+                .arg("--");
         }
-        let out = run(cmd.args(["python3", "-c", script]).args(args).stdin(Stdio::null()))?;
+        let out = run(cmd
+            .args(["python3", "-c", script])
+            .args(args)
+            .stdin(Stdio::null()))?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 }
@@ -1215,7 +1929,11 @@ impl KernelBed {
 impl Drop for KernelBed {
     fn drop(&mut self) {
         self._map.take();
-        let _ = self.beamredir().args(["-q", "down", "--all"]).stdout(Stdio::null()).status();
+        let _ = self
+            .beamredir()
+            .args(["-q", "down", "--all"])
+            .stdout(Stdio::null())
+            .status();
     }
 }
 
@@ -1228,8 +1946,15 @@ const CONNECT_ERRNO: &str = "import socket,sys,errno\ns=socket.socket(); s.setti
 fn a_redirected_connect_that_failed_then_connected_elsewhere_reports_its_real_peer() -> Result<()> {
     let bed = KernelBed::start()?;
     let script = "import socket,sys,errno\ns=socket.socket()\ntry:\n  s.connect((sys.argv[1], 4369)); print('connected')\nexcept OSError as e:\n  print(errno.errorcode[e.errno])\ns.connect(('127.0.0.1', int(sys.argv[2])))\nprint('%s:%d' % s.getpeername())";
-    let out = bed.python(None, script, &[bed.pod.to_string(), bed.unmapped.port.to_string()])?;
-    assert_eq!(out, format!("ECONNREFUSED\n127.0.0.1:{}", bed.unmapped.port));
+    let out = bed.python(
+        None,
+        script,
+        &[bed.pod.to_string(), bed.unmapped.port.to_string()],
+    )?;
+    assert_eq!(
+        out,
+        format!("ECONNREFUSED\n127.0.0.1:{}", bed.unmapped.port)
+    );
     assert_eq!(bed.connects(4369), 1, "the failed connect was redirected");
     // A redirected connect that succeeds still reports the pod endpoint.
     let out = bed.python(None, CONNECT_ERRNO, &[bed.pod.to_string(), "9000".into()])?;
@@ -1248,7 +1973,18 @@ fn concurrent_connects_through_one_redirect_are_all_counted() -> Result<()> {
     let children: Vec<_> = (0..procs)
         .map(|_| {
             bed.beamredir()
-                .args(["exec", "--session", &bed.session, "--", "python3", "-c", script, &bed.pod.to_string(), &each.to_string(), &threads.to_string()])
+                .args([
+                    "exec",
+                    "--session",
+                    &bed.session,
+                    "--",
+                    "python3",
+                    "-c",
+                    script,
+                    &bed.pod.to_string(),
+                    &each.to_string(),
+                    &threads.to_string(),
+                ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .spawn()
@@ -1262,7 +1998,11 @@ fn concurrent_connects_through_one_redirect_are_all_counted() -> Result<()> {
     }
     assert_eq!(made, procs * threads * each, "every connect succeeded");
     assert_eq!(bed.connects(9000) - before, made);
-    wait_until("the listener to accept them all", Duration::from_secs(20), || bed.forward.accepted.load(Ordering::Relaxed) >= made)?;
+    wait_until(
+        "the listener to accept them all",
+        Duration::from_secs(20),
+        || bed.forward.accepted.load(Ordering::Relaxed) >= made,
+    )?;
     Ok(())
 }
 
@@ -1279,9 +2019,17 @@ fn a_session_process_in_another_netns_is_not_redirected() -> Result<()> {
     })??;
     decoy.set_nonblocking(true)?;
     let before = bed.connects(9000);
-    let out = bed.python(Some(&elsewhere), CONNECT_ERRNO, &[bed.pod.to_string(), "9000".into()])?;
+    let out = bed.python(
+        Some(&elsewhere),
+        CONNECT_ERRNO,
+        &[bed.pod.to_string(), "9000".into()],
+    )?;
     assert_eq!(out, "ENETUNREACH");
-    assert_eq!(decoy.accept().map(|_| ()).unwrap_err().kind(), ErrorKind::WouldBlock, "a connection reached the decoy");
+    assert_eq!(
+        decoy.accept().map(|_| ()).unwrap_err().kind(),
+        ErrorKind::WouldBlock,
+        "a connection reached the decoy"
+    );
     assert_eq!(bed.connects(9000), before, "counted as redirected");
     // The same process type, in the session's own namespace, is redirected.
     let out = bed.python(None, CONNECT_ERRNO, &[bed.pod.to_string(), "9000".into()])?;
@@ -1297,7 +2045,10 @@ fn udp_and_unmapped_ports_pass_through_untouched() -> Result<()> {
     let script = "import socket,sys,errno\npod=sys.argv[1]\ndef err(f):\n  try:\n    f(); return 'ok'\n  except OSError as e:\n    return errno.errorcode.get(e.errno, str(e.errno))\nu=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nprint('udp-sendto', err(lambda: u.sendto(b'x', (pod, 4369))))\nv=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nprint('udp-connect', err(lambda: v.connect((pod, 4369))))\nt=socket.socket(); t.settimeout(5)\nprint('tcp-5555', err(lambda: t.connect((pod, 5555))))";
     let before = (bed.connects(4369), bed.connects(9000));
     let out = bed.python(None, script, &[bed.pod.to_string()])?;
-    assert_eq!(out, "udp-sendto ENETUNREACH\nudp-connect ENETUNREACH\ntcp-5555 ENETUNREACH");
+    assert_eq!(
+        out,
+        "udp-sendto ENETUNREACH\nudp-connect ENETUNREACH\ntcp-5555 ENETUNREACH"
+    );
     assert_eq!((bed.connects(4369), bed.connects(9000)), before);
     Ok(())
 }

@@ -51,7 +51,10 @@ impl Route {
 /// A proxy URL for messages: without credentials.
 pub fn clean(p: &Uri) -> String {
     let s = p.to_string();
-    match s.split_once("://").and_then(|(scheme, rest)| rest.rsplit_once('@').map(|(_, host)| format!("{scheme}://{host}"))) {
+    match s.split_once("://").and_then(|(scheme, rest)| {
+        rest.rsplit_once('@')
+            .map(|(_, host)| format!("{scheme}://{host}"))
+    }) {
         Some(c) => c,
         None => s,
     }
@@ -59,8 +62,14 @@ pub fn clean(p: &Uri) -> String {
 
 fn parse(raw: &str, source: &str) -> Result<Uri, String> {
     // Go accepts a bare host:port and takes it as http://.
-    let with_scheme = if raw.contains("://") { raw.to_string() } else { format!("http://{raw}") };
-    with_scheme.parse::<Uri>().map_err(|e| format!("proxy {:?} ({source}) is not a URL: {e}", clean_str(raw)))
+    let with_scheme = if raw.contains("://") {
+        raw.to_string()
+    } else {
+        format!("http://{raw}")
+    };
+    with_scheme
+        .parse::<Uri>()
+        .map_err(|e| format!("proxy {:?} ({source}) is not a URL: {e}", clean_str(raw)))
 }
 
 fn clean_str(raw: &str) -> String {
@@ -75,24 +84,47 @@ fn clean_str(raw: &str) -> String {
 
 /// The route to `server`: `kubeconfig_proxy` is the cluster's `proxy-url`; `env` reads the
 /// environment (a parameter, for tests).
-pub fn choose(kubeconfig_proxy: Option<&str>, server: &Uri, env: &dyn Fn(&str) -> Option<String>) -> Result<Route, String> {
+pub fn choose(
+    kubeconfig_proxy: Option<&str>,
+    server: &Uri,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Route, String> {
     if let Some(p) = kubeconfig_proxy.filter(|p| !p.is_empty()) {
         return parse(p, "the kubeconfig's proxy-url").map(Route::Kubeconfig);
     }
-    let first = |names: &[&'static str]| names.iter().find_map(|n| env(n).filter(|v| !v.is_empty()).map(|v| (*n, v)));
+    let first = |names: &[&'static str]| {
+        names
+            .iter()
+            .find_map(|n| env(n).filter(|v| !v.is_empty()).map(|v| (*n, v)))
+    };
     let https = server.scheme_str() != Some("http");
-    let Some((var, raw)) = first(if https { &["HTTPS_PROXY", "https_proxy"] } else { &["HTTP_PROXY", "http_proxy"] }) else {
+    let Some((var, raw)) = first(if https {
+        &["HTTPS_PROXY", "https_proxy"]
+    } else {
+        &["HTTP_PROXY", "http_proxy"]
+    }) else {
         return Ok(Route::Direct);
     };
-    let host = server.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    let host = server
+        .host()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
     let port = server.port_u16().unwrap_or(if https { 443 } else { 80 });
     let ip: Option<IpAddr> = host.parse().ok();
     if host == "localhost" || ip.is_some_and(|i| i.is_loopback()) {
-        return Ok(Route::Bypassed("the API server is on this machine; proxies are never used for it"));
+        return Ok(Route::Bypassed(
+            "the API server is on this machine; proxies are never used for it",
+        ));
     }
     if let Some((no_var, list)) = first(&["NO_PROXY", "no_proxy"]) {
         if no_proxy_matches(&list, &host, ip, port) {
-            return Ok(Route::Bypassed(if no_var == "NO_PROXY" { "NO_PROXY matches it" } else { "no_proxy matches it" }));
+            return Ok(Route::Bypassed(if no_var == "NO_PROXY" {
+                "NO_PROXY matches it"
+            } else {
+                "no_proxy matches it"
+            }));
         }
     }
     parse(&raw, var).map(|p| Route::Env(p, var))
@@ -100,7 +132,11 @@ pub fn choose(kubeconfig_proxy: Option<&str>, server: &Uri, env: &dyn Fn(&str) -
 
 /// Go's `httpproxy` NO_PROXY matching for one host.
 pub fn no_proxy_matches(list: &str, host: &str, ip: Option<IpAddr>, port: u16) -> bool {
-    for entry in list.split(',').map(|e| e.trim().to_ascii_lowercase()).filter(|e| !e.is_empty()) {
+    for entry in list
+        .split(',')
+        .map(|e| e.trim().to_ascii_lowercase())
+        .filter(|e| !e.is_empty())
+    {
         if entry == "*" {
             return true;
         }
@@ -155,11 +191,19 @@ fn split_host_port(entry: &str) -> (&str, Option<u16>) {
 fn in_cidr(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) if bits <= 32 => {
-            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
             u32::from(a) & mask == u32::from(n) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(n)) if bits <= 128 => {
-            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
             u128::from(a) & mask == u128::from(n) & mask
         }
         _ => false,
@@ -171,41 +215,125 @@ mod tests {
     use super::*;
 
     fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
-    fn route(kc: Option<&str>, server: &str, pairs: &'static [(&'static str, &'static str)]) -> Route {
+    fn route(
+        kc: Option<&str>,
+        server: &str,
+        pairs: &'static [(&'static str, &'static str)],
+    ) -> Route {
         choose(kc, &server.parse().unwrap(), &env(pairs)).unwrap()
     }
 
     #[test]
     fn kubeconfig_proxy_url_wins_and_ignores_no_proxy() {
-        let r = route(Some("http://p:3128"), "https://10.0.0.1:6443", &[("HTTPS_PROXY", "http://other:1"), ("NO_PROXY", "*")]);
+        let r = route(
+            Some("http://p:3128"),
+            "https://10.0.0.1:6443",
+            &[("HTTPS_PROXY", "http://other:1"), ("NO_PROXY", "*")],
+        );
         assert_eq!(r, Route::Kubeconfig("http://p:3128".parse().unwrap()));
     }
 
     #[test]
     fn https_proxy_unless_no_proxy_matches_the_server_not_the_proxy() {
         let proxy = &[("HTTPS_PROXY", "http://172.30.0.1:8888")];
-        assert_eq!(route(None, "https://172.31.0.2:6443", proxy), Route::Env("http://172.30.0.1:8888".parse().unwrap(), "HTTPS_PROXY"));
+        assert_eq!(
+            route(None, "https://172.31.0.2:6443", proxy),
+            Route::Env("http://172.30.0.1:8888".parse().unwrap(), "HTTPS_PROXY")
+        );
         // NO_PROXY naming the proxy's own address does not bypass (kube-client 5 did).
-        assert!(route(None, "https://172.31.0.2:6443", &[("HTTPS_PROXY", "http://172.30.0.1:8888"), ("NO_PROXY", "172.30.0.1")]).proxy().is_some());
-        for no in ["172.31.0.2", "172.31.0.0/16", "*", " 10.0.0.0/8 , 172.31.0.2:6443", "example.com,172.31.0.2"] {
-            let pairs: &'static [(&'static str, &'static str)] = Box::leak(Box::new([("HTTPS_PROXY", "http://172.30.0.1:8888"), ("no_proxy", no)]));
-            assert_eq!(route(None, "https://172.31.0.2:6443", pairs), Route::Bypassed("no_proxy matches it"), "{no}");
+        assert!(
+            route(
+                None,
+                "https://172.31.0.2:6443",
+                &[
+                    ("HTTPS_PROXY", "http://172.30.0.1:8888"),
+                    ("NO_PROXY", "172.30.0.1")
+                ]
+            )
+            .proxy()
+            .is_some()
+        );
+        for no in [
+            "172.31.0.2",
+            "172.31.0.0/16",
+            "*",
+            " 10.0.0.0/8 , 172.31.0.2:6443",
+            "example.com,172.31.0.2",
+        ] {
+            let pairs: &'static [(&'static str, &'static str)] = Box::leak(Box::new([
+                ("HTTPS_PROXY", "http://172.30.0.1:8888"),
+                ("no_proxy", no),
+            ]));
+            assert_eq!(
+                route(None, "https://172.31.0.2:6443", pairs),
+                Route::Bypassed("no_proxy matches it"),
+                "{no}"
+            );
         }
-        assert!(route(None, "https://172.31.0.2:6443", &[("HTTPS_PROXY", "p:8888"), ("NO_PROXY", "172.31.0.2:443")]).proxy().is_some(), "another port");
+        assert!(
+            route(
+                None,
+                "https://172.31.0.2:6443",
+                &[("HTTPS_PROXY", "p:8888"), ("NO_PROXY", "172.31.0.2:443")]
+            )
+            .proxy()
+            .is_some(),
+            "another port"
+        );
         // HTTP_PROXY is for http:// servers only.
-        assert_eq!(route(None, "https://k8s.example.com", &[("HTTP_PROXY", "http://p:1")]), Route::Direct);
-        assert!(route(None, "http://k8s.example.com", &[("http_proxy", "http://p:1")]).proxy().is_some());
+        assert_eq!(
+            route(
+                None,
+                "https://k8s.example.com",
+                &[("HTTP_PROXY", "http://p:1")]
+            ),
+            Route::Direct
+        );
+        assert!(
+            route(
+                None,
+                "http://k8s.example.com",
+                &[("http_proxy", "http://p:1")]
+            )
+            .proxy()
+            .is_some()
+        );
         // A bare host:port proxy is http://.
-        assert_eq!(route(None, "https://k8s.example.com", &[("https_proxy", "p:3128")]).proxy().unwrap().to_string(), "http://p:3128/");
+        assert_eq!(
+            route(
+                None,
+                "https://k8s.example.com",
+                &[("https_proxy", "p:3128")]
+            )
+            .proxy()
+            .unwrap()
+            .to_string(),
+            "http://p:3128/"
+        );
     }
 
     #[test]
     fn loopback_servers_never_go_through_a_proxy() {
-        for server in ["https://127.0.0.1:6443", "https://localhost:6443", "https://[::1]:6443"] {
-            assert!(matches!(route(None, server, &[("HTTPS_PROXY", "http://p:1")]), Route::Bypassed(_)), "{server}");
+        for server in [
+            "https://127.0.0.1:6443",
+            "https://localhost:6443",
+            "https://[::1]:6443",
+        ] {
+            assert!(
+                matches!(
+                    route(None, server, &[("HTTPS_PROXY", "http://p:1")]),
+                    Route::Bypassed(_)
+                ),
+                "{server}"
+            );
         }
     }
 
@@ -227,7 +355,14 @@ mod tests {
 
     #[test]
     fn credentials_never_show() {
-        assert_eq!(clean(&"http://user:pw@p:3128".parse().unwrap()), "http://p:3128/");
-        assert!(Route::Env("http://u:p@proxy:1".parse().unwrap(), "HTTPS_PROXY").hint().contains("http://proxy:1/ from HTTPS_PROXY"));
+        assert_eq!(
+            clean(&"http://user:pw@p:3128".parse().unwrap()),
+            "http://p:3128/"
+        );
+        assert!(
+            Route::Env("http://u:p@proxy:1".parse().unwrap(), "HTTPS_PROXY")
+                .hint()
+                .contains("http://proxy:1/ from HTTPS_PROXY")
+        );
     }
 }

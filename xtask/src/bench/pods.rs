@@ -28,9 +28,19 @@ impl Config {
     pub fn new(args: &BenchArgs) -> Self {
         let rtt = Duration::from_millis(80);
         if args.smoke {
-            Config { smoke: true, reps: 1, sizes: vec![1, 2], rtt }
+            Config {
+                smoke: true,
+                reps: 1,
+                sizes: vec![1, 2],
+                rtt,
+            }
         } else {
-            Config { smoke: false, reps: args.reps.unwrap_or(5).min(10), sizes: vec![1, 10, 20], rtt }
+            Config {
+                smoke: false,
+                reps: args.reps.unwrap_or(5).min(10),
+                sizes: vec![1, 10, 20],
+                rtt,
+            }
         }
     }
 
@@ -38,9 +48,17 @@ impl Config {
         format!(
             "{} round(s) of `beamredir up --statefulset` over {} pods, {} ms round trip to the API server{}",
             self.reps,
-            self.sizes.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            self.sizes
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             self.rtt.as_millis(),
-            if self.smoke { " [smoke: measures nothing useful]" } else { "" }
+            if self.smoke {
+                " [smoke: measures nothing useful]"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -83,7 +101,14 @@ fn one(cluster: &SimCluster, n: u32) -> Result<f64> {
     let started = Instant::now();
     let child = cluster
         .beamredir(state.path())
-        .args(["-q", "up", "--statefulset", &format!("p{n}"), "--session", &session])
+        .args([
+            "-q",
+            "up",
+            "--statefulset",
+            &format!("p{n}"),
+            "--session",
+            &session,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -109,21 +134,36 @@ fn one(cluster: &SimCluster, n: u32) -> Result<f64> {
 }
 
 pub fn run(cfg: &Config) -> Result<Results> {
-    let manifest = cfg.sizes.iter().map(|n| statefulset(*n)).collect::<Vec<_>>().join("\n---\n");
-    let cluster = SimCluster::options().api_access(ApiAccess::Delayed(cfg.rtt)).wait_ready(false).start(&manifest)?;
+    let manifest = cfg
+        .sizes
+        .iter()
+        .map(|n| statefulset(*n))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    let cluster = SimCluster::options()
+        .api_access(ApiAccess::Delayed(cfg.rtt))
+        .wait_ready(false)
+        .start(&manifest)?;
     for n in &cfg.sizes {
         for i in 0..*n {
             check_interrupted()?;
             cluster.wait_ready("default", &format!("p{n}-{i}"), Duration::from_secs(300))?;
         }
     }
-    let mut results = Results { config: cfg.clone(), measurements: Vec::new() };
+    let mut results = Results {
+        config: cfg.clone(),
+        measurements: Vec::new(),
+    };
     // One untimed start-up first (page cache, the API server's first TLS handshakes).
     one(&cluster, cfg.sizes[0]).context("warm-up")?;
     for round in 0..cfg.reps {
         for n in &cfg.sizes {
             let ms = one(&cluster, *n).with_context(|| format!("{n} pods, round {}", round + 1))?;
-            println!("  {n:>2} pods, round {}/{}: ready in {ms:.0} ms", round + 1, cfg.reps);
+            println!(
+                "  {n:>2} pods, round {}/{}: ready in {ms:.0} ms",
+                round + 1,
+                cfg.reps
+            );
             results.measurements.push((*n, round, ms));
         }
     }
@@ -132,15 +172,27 @@ pub fn run(cfg: &Config) -> Result<Results> {
 
 impl Results {
     fn spread(&self, n: u32) -> Spread {
-        Spread::of(&self.measurements.iter().filter(|m| m.0 == n).map(|m| m.2).collect::<Vec<_>>())
+        Spread::of(
+            &self
+                .measurements
+                .iter()
+                .filter(|m| m.0 == n)
+                .map(|m| m.2)
+                .collect::<Vec<_>>(),
+        )
     }
 }
 
 pub fn markdown_table(r: &Results) -> String {
-    let mut md = String::from("| pods | spawn → every pod redirected, median [min–max] |\n|---:|---:|\n");
+    let mut md =
+        String::from("| pods | spawn → every pod redirected, median [min–max] |\n|---:|---:|\n");
     for n in &r.config.sizes {
         let s = r.spread(*n);
-        let _ = writeln!(md, "| {n} | {:.0} ms [{:.0}–{:.0}] |", s.median, s.min, s.max);
+        let _ = writeln!(
+            md,
+            "| {n} | {:.0} ms [{:.0}–{:.0}] |",
+            s.median, s.min, s.max
+        );
     }
     md
 }
