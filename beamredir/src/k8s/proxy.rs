@@ -24,8 +24,11 @@ pub enum Route {
     Env(Uri, &'static str),
     /// Direct: no proxy configured.
     Direct,
+    /// Direct: the server is on this machine (`localhost`, a loopback address), which proxies
+    /// never carry.
+    Local,
     /// Direct although a proxy is configured in the environment: NO_PROXY (the named variable)
-    /// matches the server, or the server is local.
+    /// matches the server.
     Bypassed(&'static str),
 }
 
@@ -33,7 +36,7 @@ impl Route {
     pub fn proxy(&self) -> Option<&Uri> {
         match self {
             Route::Kubeconfig(p) | Route::Env(p, _) => Some(p),
-            Route::Direct | Route::Bypassed(_) => None,
+            Route::Direct | Route::Local | Route::Bypassed(_) => None,
         }
     }
 
@@ -43,6 +46,7 @@ impl Route {
             Route::Kubeconfig(p) => format!(" (through proxy {}, the kubeconfig's proxy-url)", clean(p)),
             Route::Env(p, var) => format!(" (through proxy {} from {var})", clean(p)),
             Route::Direct => " (directly: no proxy is set; if the API server is only reachable through one, set proxy-url in the kubeconfig's cluster or HTTPS_PROXY)".into(),
+            Route::Local => String::new(),
             Route::Bypassed(why) => format!(" (directly: {why})"),
         }
     }
@@ -98,13 +102,6 @@ pub fn choose(
             .find_map(|n| env(n).filter(|v| !v.is_empty()).map(|v| (*n, v)))
     };
     let https = server.scheme_str() != Some("http");
-    let Some((var, raw)) = first(if https {
-        &["HTTPS_PROXY", "https_proxy"]
-    } else {
-        &["HTTP_PROXY", "http_proxy"]
-    }) else {
-        return Ok(Route::Direct);
-    };
     let host = server
         .host()
         .unwrap_or("")
@@ -114,10 +111,15 @@ pub fn choose(
     let port = server.port_u16().unwrap_or(if https { 443 } else { 80 });
     let ip: Option<IpAddr> = host.parse().ok();
     if host == "localhost" || ip.is_some_and(|i| i.is_loopback()) {
-        return Ok(Route::Bypassed(
-            "the API server is on this machine; proxies are never used for it",
-        ));
+        return Ok(Route::Local);
     }
+    let Some((var, raw)) = first(if https {
+        &["HTTPS_PROXY", "https_proxy"]
+    } else {
+        &["HTTP_PROXY", "http_proxy"]
+    }) else {
+        return Ok(Route::Direct);
+    };
     if let Some((no_var, list)) = first(&["NO_PROXY", "no_proxy"]) {
         if no_proxy_matches(&list, &host, ip, port) {
             return Ok(Route::Bypassed(if no_var == "NO_PROXY" {
@@ -328,12 +330,10 @@ mod tests {
             "https://[::1]:6443",
         ] {
             assert!(
-                matches!(
-                    route(None, server, &[("HTTPS_PROXY", "http://p:1")]),
-                    Route::Bypassed(_)
-                ),
+                route(None, server, &[("HTTPS_PROXY", "http://p:1")]) == Route::Local,
                 "{server}"
             );
+            assert_eq!(route(None, server, &[]).hint(), "", "{server}");
         }
     }
 
