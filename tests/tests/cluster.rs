@@ -140,15 +140,16 @@ fn statefulset_pod_restart_is_followed_while_other_pods_stay_connected() -> Resu
     .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
     // The running local node resolves the new IP (the hosts file is re-read within ~5 s) and
     // reaches the new app-1 without beamredir restarting.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        node.send(&format!("{}\n", fqdn(1)))?;
-        std::thread::sleep(Duration::from_millis(700));
-        if node.output().contains(&format!("ping '{}' pong", fqdn(1))) || std::time::Instant::now() > deadline {
-            break;
+    // Ask again each time the previous answer is in (pang while it still has the old address).
+    let (asked, pong) = (format!("ping '{}' ", fqdn(1)), format!("ping '{}' pong", fqdn(1)));
+    let mut sent = 0;
+    wait_until("the local node to reach the new app-1", Duration::from_secs(30), || {
+        if node.output().matches(&asked).count() >= sent && node.send(&format!("{}\n", fqdn(1))).is_ok() {
+            sent += 1;
         }
-    }
-    assert!(node.output().contains(&format!("ping '{}' pong", fqdn(1))), "{}", node.output());
+        node.output().contains(&pong)
+    })
+    .with_context(|| node.output())?;
     // app-0 stayed connected throughout.
     assert!(!node.output().contains(&format!("nodedown '{}'", fqdn(0))), "{}", node.output());
     let hosts = std::fs::read_to_string(state.path().join(format!("{session}.hosts")))?;
@@ -219,8 +220,12 @@ fn several_pods_by_name_all_stay_redirected_once_the_watches_have_listed() -> Re
         })
     };
     wait_until("both pods redirected", Duration::from_secs(30), both_redirected)?;
-    // Each pod's watch lists (InitDone) within moments: neither may take the other for deleted.
-    std::thread::sleep(Duration::from_secs(3));
+    // Each pod's watch lists, then watches (the API server sees both): neither relist may take
+    // the other pod for deleted.
+    wait_until("both watches to have listed and be watching", Duration::from_secs(30), || {
+        let audit = cluster.audit();
+        ["app-0", "app-2"].iter().all(|p| audit.iter().any(|a| a == &format!("watch pods default/{p}")))
+    })?;
     assert!(both_redirected(), "{:#?}", status_of(&cluster, &state, &session));
     let script = format!("io:format(\"~p~n\", [[net_adm:ping(N) || N <- ['{}', '{}']]]), halt().", fqdn(0), fqdn(2));
     let out = run(cluster
@@ -229,5 +234,7 @@ fn several_pods_by_name_all_stay_redirected_once_the_watches_have_listed() -> Re
         .env("HOME", state.path())
         .stdin(Stdio::null()))?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("[pong,pong]"), "{}", String::from_utf8_lossy(&out.stdout));
+    let log = std::fs::read_to_string(state.path().join("up.log"))?;
+    assert!(!log.contains("its redirects are removed"), "a pod was taken for gone:\n{log}");
     Ok(())
 }

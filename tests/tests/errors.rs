@@ -125,16 +125,19 @@ fn two_sessions_started_at_once_with_one_name_leave_the_winner_intact() -> Resul
     std::io::Read::read_to_string(loser_proc.0.stderr.as_mut().unwrap(), &mut stderr)?;
     assert!(stderr.contains("is already running"), "{stderr}");
     let winner = if which == 'a' { &mut b } else { &mut a };
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(winner.0.try_wait()?.is_none(), "the winner died");
-    // The winner's cgroup, programs and record are intact.
+    // The winner comes up (it may still be attaching when the loser gives up), with its
+    // cgroup, programs and record intact.
+    beamredir_testbed::wait_until("the winner's session to run", std::time::Duration::from_secs(20), || {
+        bed.session_status(&s).is_some_and(|st| st["state"] == "running")
+    })?;
     let status = bed.session_status(&s).expect("the winner's session is listed");
-    assert_eq!(status["state"], "running");
     let cgroup = std::path::PathBuf::from(status["cgroup_path"].as_str().unwrap());
     assert_eq!(bpftool_cgroup_programs(&cgroup)?.len(), 4);
     // Its control socket answers root only.
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(bed.state_dir.path().join(format!("{s}.sock")))?.permissions());
     assert_eq!(mode & 0o777, 0o600);
+    // And it is still the same process, running (its socket answered above).
+    assert!(winner.0.try_wait()?.is_none(), "the winner died");
     Ok(())
 }
 

@@ -254,7 +254,8 @@ fn rpc_evaluates_elixir_on_the_node_from_rust() -> Result<()> {
     assert_eq!((code, err.trim()), (1, "** (RuntimeError) boom"));
     let (code, _, err) = rpc_proto(&pod, &good, &["--elixir", "Enum.sum([1,2"])?;
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("TokenMissingError") || err.contains("SyntaxError"), "{err}");
+    // Elixir 1.14 (Debian bookworm's, what setup.sh installs) reports an unclosed call so.
+    assert!(err.starts_with("** (TokenMissingError)"), "{err}");
     // Erlang text on an Elixir node works too.
     let (code, out, _) = rpc_proto(&pod, &good, &["lists:seq(1,3)"])?;
     assert_eq!((code, out.as_str()), (0, "[1,2,3]\n"));

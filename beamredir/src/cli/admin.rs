@@ -167,6 +167,13 @@ fn status_table(statuses: &[SessionStatus], wide: bool, out: &mut String) {
                 let _ = write!(out, "  {}", p.nodes.join(","));
             }
             let _ = writeln!(out);
+            for a in &p.aliases {
+                let _ = writeln!(
+                    out,
+                    "    old IP {} still reaches this pod for {} s (nodes that resolved its name before it moved)",
+                    a.ip, a.expires_in_secs
+                );
+            }
         }
         for r in &s.redirects {
             let _ = write!(

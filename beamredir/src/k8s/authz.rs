@@ -13,6 +13,16 @@ use super::Cluster;
 /// The Role rule that would allow `verbs` on `resource` (`pods/portforward`, `secrets`,
 /// `statefulsets.apps`…), as one line of YAML flow style.
 pub fn grant_hint(resource: &str, verbs: &[&str], resource_name: Option<&str>) -> String {
+    grant_hint_because(resource, verbs, resource_name, None)
+}
+
+/// [`grant_hint`], with the reason the rule is needed (said before the pointer to the example).
+pub fn grant_hint_because(
+    resource: &str,
+    verbs: &[&str],
+    resource_name: Option<&str>,
+    because: Option<&str>,
+) -> String {
     let (resource, group) = match resource.split_once('.') {
         // "statefulsets.apps" → group apps; "pods/portforward" has no dot.
         Some((r, g)) if !r.contains('/') => (r, g),
@@ -26,8 +36,9 @@ pub fn grant_hint(resource: &str, verbs: &[&str], resource_name: Option<&str>) -
     let names = resource_name
         .map(|n| format!(", resourceNames: [\"{n}\"]"))
         .unwrap_or_default();
+    let because = because.map(|b| format!("{b}; ")).unwrap_or_default();
     format!(
-        "grant it with a Role rule {{apiGroups: [\"{group}\"], resources: [\"{resource}\"], verbs: [{verbs}]{names}}} (see docs/examples/rbac.yaml)"
+        "grant it with a Role rule {{apiGroups: [\"{group}\"], resources: [\"{resource}\"], verbs: [{verbs}]{names}}} ({because}see docs/examples/rbac.yaml)"
     )
 }
 
@@ -84,17 +95,12 @@ pub async fn portforward_advice(cluster: &Cluster, pod: &str) -> (String, String
     {
         Some(missing) if !missing.is_empty() => {
             let verbs: Vec<&str> = missing.iter().map(String::as_str).collect();
-            let why = if verbs == ["create"] {
-                " (Kubernetes 1.35 and later also require create for WebSocket port-forwards)"
-            } else {
-                ""
-            };
+            let because = (verbs == ["create"]).then_some(
+                "Kubernetes 1.35 and later also require create for WebSocket port-forwards",
+            );
             (
                 verbs.join(" and "),
-                format!(
-                    "{}{why}",
-                    grant_hint("pods/portforward", &["get", "create"], None)
-                ),
+                grant_hint_because("pods/portforward", &["get", "create"], None, because),
             )
         }
         _ => (
@@ -119,6 +125,10 @@ mod tests {
         assert!(
             super::grant_hint("secrets", &["get"], Some("app-cookie"))
                 .contains("resourceNames: [\"app-cookie\"]")
+        );
+        assert!(
+            super::grant_hint_because("pods/portforward", &["get", "create"], None, Some("why"))
+                .ends_with("verbs: [\"get\", \"create\"]} (why; see docs/examples/rbac.yaml)")
         );
     }
 }

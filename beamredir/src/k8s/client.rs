@@ -4,8 +4,9 @@
 //!   connector leaves Nagle on, which delays them behind unacknowledged data);
 //! * TCP keepalive: a dead API-server connection (blackholed, rebooted NAT) is noticed within
 //!   about a minute, so its relays and watches end instead of hanging;
-//! * the proxy kube chose from the kubeconfig's `proxy-url`, else `HTTPS_PROXY` (unless
-//!   `NO_PROXY` matches): an HTTP CONNECT tunnel, over TLS for an `https://` proxy.
+//! * the proxy chosen as kubectl chooses it ([`super::proxy`]: the kubeconfig's `proxy-url`,
+//!   else `HTTPS_PROXY` unless `NO_PROXY` matches the API server): an HTTP CONNECT tunnel, over
+//!   TLS for an `https://` proxy.
 use std::time::Duration;
 
 use http::{HeaderValue, Uri};

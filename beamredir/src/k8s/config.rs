@@ -34,6 +34,8 @@ pub struct Cluster {
     pub source: String,
     /// The proxy in use, for messages.
     pub proxy: Option<String>,
+    /// How the API server is reached (which proxy, or why none), for messages.
+    pub route: super::proxy::Route,
 }
 
 fn read(path: &Path) -> Result<Kubeconfig, K8sError> {
@@ -85,7 +87,7 @@ impl Cluster {
     pub async fn connect(args: &KubeArgs) -> Result<Self, K8sError> {
         // kube's rustls needs a process-wide crypto provider; a second install is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let (config, source) = match load_kubeconfig(args)? {
+        let (mut config, source, proxy_url) = match load_kubeconfig(args)? {
             Some((mut kubeconfig, source)) => {
                 super::plugins::resolve(&mut kubeconfig).await?;
                 if let Some(context) = &args.context {
@@ -106,17 +108,24 @@ impl Cluster {
                     context: args.context.clone(),
                     ..Default::default()
                 };
+                let proxy_url = kubeconfig_proxy_url(&kubeconfig, args.context.as_deref());
                 let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
                     .await
                     .map_err(|e| K8sError::Kubeconfig(format!("{source}: {}", chain(&e))))?;
-                (config, source)
+                (config, source, proxy_url)
             }
             None => {
                 let config = kube::Config::incluster()
                     .map_err(|e| K8sError::Kubeconfig(format!("in-cluster config: {e}")))?;
-                (config, "in-cluster service account".to_string())
+                (config, "in-cluster service account".to_string(), None)
             }
         };
+        // The proxy as kubectl would choose it (see [`super::proxy`]), not as kube did.
+        let route = super::proxy::choose(proxy_url.as_deref(), &config.cluster_url, &|k| {
+            std::env::var(k).ok()
+        })
+        .map_err(K8sError::Kubeconfig)?;
+        config.proxy_url = route.proxy().cloned();
         let namespace = args
             .namespace
             .clone()
@@ -126,17 +135,10 @@ impl Cluster {
             .to_string()
             .trim_end_matches('/')
             .to_string();
-        let proxy = config.proxy_url.as_ref().map(|p| {
-            // Never show proxy credentials.
-            let s = p.to_string();
-            match s.split_once("://").and_then(|(scheme, rest)| {
-                rest.rsplit_once('@')
-                    .map(|(_, host)| format!("{scheme}://{host}"))
-            }) {
-                Some(clean) => clean,
-                None => s,
-            }
-        });
+        // Never show proxy credentials.
+        let proxy = route
+            .proxy()
+            .map(|p| super::proxy::clean(p).trim_end_matches('/').to_string());
         let client = super::client::client(&config).map_err(|e| match e {
             K8sError::Kubeconfig(reason) => transport(&std::io::Error::other(reason), &url),
             other => other,
@@ -147,6 +149,42 @@ impl Cluster {
             url,
             source,
             proxy,
+            route,
         })
     }
+
+    /// Adds which way the API server was dialled to an "unreachable" error: through which
+    /// proxy, or directly and why.
+    pub fn explain(&self, e: K8sError) -> K8sError {
+        match e {
+            K8sError::Unreachable { url, reason, hint } if hint.is_empty() => {
+                K8sError::Unreachable {
+                    url,
+                    reason,
+                    hint: self.route.hint(),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// The `proxy-url` of the cluster the kubeconfig's (or `--context`'s) context uses.
+fn kubeconfig_proxy_url(kubeconfig: &Kubeconfig, context: Option<&str>) -> Option<String> {
+    let context = context.or(kubeconfig.current_context.as_deref())?;
+    let cluster = &kubeconfig
+        .contexts
+        .iter()
+        .find(|c| c.name == context)?
+        .context
+        .as_ref()?
+        .cluster;
+    kubeconfig
+        .clusters
+        .iter()
+        .find(|c| &c.name == cluster)?
+        .cluster
+        .as_ref()?
+        .proxy_url
+        .clone()
 }

@@ -15,8 +15,13 @@ pub enum K8sError {
         "context {context:?} not found in the kubeconfig (available: {available}); see `kubectl config get-contexts`"
     )]
     ContextNotFound { context: String, available: String },
-    #[error("cannot reach the Kubernetes API server at {url}: {reason}")]
-    Unreachable { url: String, reason: String },
+    #[error("cannot reach the Kubernetes API server at {url}{hint}: {reason}")]
+    Unreachable {
+        url: String,
+        reason: String,
+        /// Which way it was dialled (through which proxy, or directly and why).
+        hint: String,
+    },
     #[error(
         "TLS failure talking to the Kubernetes API server at {url}: {reason} (check the cluster's certificate-authority in your kubeconfig)"
     )]
@@ -166,6 +171,7 @@ pub fn transport(err: &(dyn std::error::Error + 'static), url: &str) -> K8sError
         K8sError::Unreachable {
             url: url.into(),
             reason,
+            hint: String::new(),
         }
     }
 }

@@ -1,7 +1,10 @@
 //! Finding pods through the API: by name (with near matches when it is not there), by label
 //! selector, and the selectors of StatefulSets and Services.
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::{Api, api::ListParams};
+use kube::{
+    Api,
+    api::{ListParams, WatchParams},
+};
 
 use super::{
     Cluster,
@@ -98,6 +101,51 @@ pub async fn list(cluster: &Cluster, selector: &str) -> Result<Vec<Pod>, K8sErro
         .await
         .map(|l| l.items)
         .map_err(|e| classify(e, &cluster.url, "list", "pods", &cluster.namespace))
+}
+
+/// Checks that the session will be able to follow its pods, before it starts: kube-rs's
+/// watcher lists them and then watches them with the same selector (a field selector on the
+/// name for `--pod`), which takes `list` and `watch` on pods. Without this check a missing verb
+/// would show only as a warning once the session runs, and the pods would never be followed.
+pub async fn check_follow(
+    cluster: &Cluster,
+    selector: Option<&str>,
+    names: &[String],
+) -> Result<(), K8sError> {
+    let ns = &cluster.namespace;
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let fields: Vec<Option<String>> = match selector {
+        // The selector's list was made already (that is how the pods were found).
+        Some(_) => vec![None],
+        None => names
+            .iter()
+            .map(|n| Some(format!("metadata.name={n}")))
+            .collect(),
+    };
+    // One check per watch the session will run, all at once (each costs two round trips).
+    let checks = fields.into_iter().map(|field| {
+        let api = api.clone();
+        async move {
+            let mut wp = WatchParams::default().timeout(1);
+            if let Some(f) = &field {
+                api.list(&ListParams::default().fields(f).limit(1))
+                    .await
+                    .map_err(|e| classify(e, &cluster.url, "list", "pods", ns))?;
+                wp = wp.fields(f);
+            }
+            if let Some(sel) = selector {
+                wp = wp.labels(sel);
+            }
+            // The answer's status is all that matters; the stream is dropped unread.
+            drop(
+                api.watch(&wp, "0")
+                    .await
+                    .map_err(|e| classify(e, &cluster.url, "watch", "pods", ns))?,
+            );
+            Ok::<_, K8sError>(())
+        }
+    });
+    futures::future::try_join_all(checks).await.map(|_| ())
 }
 
 /// Fetches a pod. When it does not exist, says whether the namespace does and lists the pods

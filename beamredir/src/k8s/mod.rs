@@ -2,8 +2,8 @@
 //! cluster).
 //!
 //! * [`config`]: kubeconfig/context/namespace resolution; [`plugins`]: credential plugins
-//!   found as the user's shell finds them; [`client`]: the HTTP client (nodelay, keepalive,
-//!   proxies);
+//!   found as the user's shell finds them; [`proxy`]: which proxy, as kubectl chooses it;
+//!   [`client`]: the HTTP client (nodelay, keepalive, proxies);
 //! * [`lookup`]: pods by name, selector, StatefulSet or Service;
 //! * [`pod`]: what a pod object says (reachability, addresses, the Erlang container, ports);
 //! * [`env`]: a container's environment and command line as the kubelet builds them;
@@ -21,6 +21,7 @@ pub mod lookup;
 pub mod plugins;
 pub mod pod;
 pub mod portforward;
+pub mod proxy;
 pub mod secrets;
 
 pub use config::{Cluster, KubeArgs};

@@ -24,7 +24,7 @@ use std::{io, path::PathBuf};
 pub use active::{ActiveSession, SessionClaim, SessionOptions};
 pub use record::{Scope, SessionRecord};
 pub use state_dir::StateDir;
-pub use status::{ForwardStats, PodInfo, RedirectStatus, SessionStatus};
+pub use status::{AliasInfo, ForwardStats, PodInfo, RedirectStatus, SessionStatus};
 
 pub use crate::kernel::cgroup::SESSIONS_PARENT;
 use crate::kernel::{cgroup::CgroupError, redirect::RedirectError};

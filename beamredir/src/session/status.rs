@@ -50,6 +50,18 @@ pub struct PodInfo {
     /// The exact node names on the pod (from the node itself when probed, else from the spec).
     #[serde(default)]
     pub nodes: Vec<String>,
+    /// Addresses of the pod's previous incarnation still redirected to it (so nodes that
+    /// resolved its name before it moved still reach it), until they expire.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<AliasInfo>,
+}
+
+/// An old pod IP still redirected to the pod's forwards.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AliasInfo {
+    pub ip: String,
+    /// Seconds until the alias goes (at most [`crate::up::table::ALIAS_TTL`]).
+    pub expires_in_secs: u64,
 }
 
 /// Session-wide connection accounting (the cap on concurrent connections).

@@ -29,6 +29,7 @@ use std::{
     time::Duration,
 };
 
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use self::{
@@ -46,6 +47,10 @@ use crate::{
 };
 
 pub type Root = RootLink<NetConfig>;
+
+/// At start-up, how long pods of a selector wait for a slow pod once one of them is up and no
+/// other has finished its first attempt meanwhile (see [`start`]).
+const STRAGGLER_GRACE: Duration = Duration::from_secs(3);
 
 /// Which pods a session follows.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -138,7 +143,11 @@ impl Up {
     fn status(&self) -> NetStatus {
         NetStatus {
             forwards: self.registry.stats(),
-            pods: self.table.lock().unwrap().infos(&self.cluster.namespace),
+            pods: self
+                .table
+                .lock()
+                .unwrap()
+                .infos(&self.cluster.namespace, std::time::Instant::now()),
             connections: self.registry.gate().stats(),
         }
     }
@@ -184,12 +193,12 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         PodSource::StatefulSet(name) => Some(
             lookup::statefulset_selector(&cluster, name)
                 .await
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| cluster.explain(e).to_string())?,
         ),
         PodSource::Service(name) => Some(
             lookup::service_selector(&cluster, name)
                 .await
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| cluster.explain(e).to_string())?,
         ),
         PodSource::Selector(sel) => Some(sel.clone()),
     };
@@ -200,7 +209,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
                 pods.push(
                     lookup::get(&cluster, name)
                         .await
-                        .map_err(|e| e.to_string())?,
+                        .map_err(|e| cluster.explain(e).to_string())?,
                 );
             }
             pods
@@ -208,7 +217,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         (source, Some(sel)) => {
             let found = lookup::list(&cluster, sel)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| cluster.explain(e).to_string())?;
             if found.is_empty() {
                 let what = match source {
                     PodSource::StatefulSet(n) => format!("statefulset {n} (selector {sel})"),
@@ -225,6 +234,13 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         }
         (_, None) => unreachable!("every non-name source has a selector"),
     };
+    let names_given = match &config.source {
+        PodSource::Names(n) => n.clone(),
+        _ => Vec::new(),
+    };
+    lookup::check_follow(&cluster, selector.as_deref(), &names_given)
+        .await
+        .map_err(|e| cluster.explain(e).to_string())?;
     let gate = Gate::new(
         config.limits.max_connections,
         Duration::from_millis(config.limits.connection_wait_ms),
@@ -259,7 +275,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         .iter()
         .filter_map(|p| p.metadata.name.clone())
         .collect();
-    let mut attempts: Vec<(String, tokio::sync::watch::Receiver<Attempt>)> = initial
+    let attempts: Vec<(String, tokio::sync::watch::Receiver<Attempt>)> = initial
         .into_iter()
         .filter_map(|p| {
             let name = p.metadata.name.clone()?;
@@ -270,18 +286,46 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
             ))
         })
         .collect();
-    // Every pod's first attempt, however it went (a failing one keeps retrying behind).
+    // Every pod's first attempt, however it went (a failing one keeps retrying behind). The
+    // pods of a selector do not all wait for the slowest: once one is up, a pod whose first
+    // attempt is still running when no other pod has settled for STRAGGLER_GRACE no longer
+    // holds the session up; it is followed in the background (the banner says "starting").
+    let named = matches!(up.config.source, PodSource::Names(_));
+    let mut pending: futures::stream::FuturesUnordered<_> = attempts
+        .into_iter()
+        .map(|(name, mut rx)| async move {
+            let settled = rx
+                .wait_for(|a| *a != Attempt::Pending)
+                .await
+                .map(|a| a.clone());
+            (name, settled)
+        })
+        .collect();
     let mut failed = Vec::new();
-    for (name, rx) in &mut attempts {
-        let settled = rx
-            .wait_for(|a| *a != Attempt::Pending)
-            .await
-            .map(|a| a.clone());
-        if let Ok(Attempt::Failed(e)) = settled {
+    let mut settled = std::collections::BTreeSet::new();
+    loop {
+        let any_up = !named && !up.table.lock().unwrap().targets().is_empty();
+        let next = if any_up {
+            match tokio::time::timeout(STRAGGLER_GRACE, pending.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            }
+        } else {
+            pending.next().await
+        };
+        let Some((name, outcome)) = next else { break };
+        if let Ok(Attempt::Failed(e)) = outcome {
             failed.push((name.clone(), e));
         }
+        settled.insert(name);
     }
-    let named = matches!(up.config.source, PodSource::Names(_));
+    drop(pending);
+    for name in names.iter().filter(|n| !settled.contains(*n)) {
+        log::warn!(
+            "pod {}/{name} is still being brought up; the session starts without it and follows it",
+            up.cluster.namespace
+        );
+    }
     let up_count = up.table.lock().unwrap().targets().len();
     if let Some((_, e)) = failed.first().filter(|_| named || up_count == 0) {
         return Err(e.clone());

@@ -54,18 +54,18 @@ async fn evaluate(task: &RpcTask) -> Result<i32, String> {
         PodSource::Names(names) => {
             let mut pods = Vec::new();
             for n in names {
-                pods.push(lookup::get(&cluster, n).await.map_err(|e| e.to_string())?);
+                pods.push(lookup::get(&cluster, n).await.map_err(|e| cluster.explain(e).to_string())?);
             }
             pods
         }
         source => {
             let selector = match source {
-                PodSource::StatefulSet(n) => lookup::statefulset_selector(&cluster, n).await.map_err(|e| e.to_string())?,
-                PodSource::Service(n) => lookup::service_selector(&cluster, n).await.map_err(|e| e.to_string())?,
+                PodSource::StatefulSet(n) => lookup::statefulset_selector(&cluster, n).await.map_err(|e| cluster.explain(e).to_string())?,
+                PodSource::Service(n) => lookup::service_selector(&cluster, n).await.map_err(|e| cluster.explain(e).to_string())?,
                 PodSource::Selector(s) => s.clone(),
                 PodSource::Names(_) => unreachable!(),
             };
-            lookup::list(&cluster, &selector).await.map_err(|e| e.to_string())?
+            lookup::list(&cluster, &selector).await.map_err(|e| cluster.explain(e).to_string())?
         }
     };
     let mut pods: Vec<_> = pods.into_iter().filter(|p| task.pod.as_deref().is_none_or(|w| p.metadata.name.as_deref() == Some(w))).collect();

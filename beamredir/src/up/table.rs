@@ -14,7 +14,7 @@ use crate::{
     forward::registry::FamilyKey,
     k8s::{dns::host_entries, pod::PodTarget},
     privsep::messages::{ListenerId, RedirectSpec},
-    session::{PodInfo, dns_files::HostEntry},
+    session::{AliasInfo, PodInfo, dns_files::HostEntry},
 };
 
 /// How long a pod's previous IP keeps redirecting to it after the pod came back with a new
@@ -173,11 +173,28 @@ impl PodTable {
             .collect()
     }
 
-    /// What `status` shows about the pods.
-    pub fn infos(&self, namespace: &str) -> Vec<PodInfo> {
+    /// What `status` shows about the pods (with the aliases in force at `now`).
+    pub fn infos(&self, namespace: &str, now: Instant) -> Vec<PodInfo> {
+        let claimed: BTreeSet<IpAddr> = self
+            .pods
+            .values()
+            .filter_map(|e| e.target.as_ref())
+            .flat_map(|t| t.ips.iter().copied())
+            .collect();
         self.pods
             .iter()
             .map(|(name, e)| PodInfo {
+                aliases: e
+                    .aliases
+                    .iter()
+                    .filter(|(ip, until)| {
+                        e.target.is_some() && *until > now && !claimed.contains(ip)
+                    })
+                    .map(|(ip, until)| AliasInfo {
+                        ip: ip.to_string(),
+                        expires_in_secs: until.duration_since(now).as_secs_f64().ceil() as u64,
+                    })
+                    .collect(),
                 name: name.clone(),
                 namespace: namespace.to_string(),
                 ip: e.target.as_ref().map(|t| t.primary_ip().to_string()),
@@ -259,6 +276,15 @@ mod tests {
                 "10.0.0.5:9000"
             ]
         );
+        // `status` shows the alias and when it goes.
+        let app0 = &t.infos("default", now + Duration::from_secs(4))[0];
+        assert_eq!(
+            app0.aliases,
+            [AliasInfo {
+                ip: "10.0.0.5".into(),
+                expires_in_secs: ALIAS_TTL.as_secs() - 4
+            }]
+        );
         // Past the TTL it goes.
         assert!(t.expire_aliases(now + ALIAS_TTL + Duration::from_secs(1)));
         assert_eq!(
@@ -297,6 +323,7 @@ mod tests {
             209
         );
         assert_eq!(r.len(), 2);
+        assert!(t2.infos("default", now).iter().all(|p| p.aliases.is_empty()));
     }
 
     #[test]
@@ -333,7 +360,7 @@ mod tests {
         assert!(t.redirects(listeners, Instant::now()).is_empty());
         assert!(t.hosts("cluster.local").is_empty());
         assert_eq!(
-            t.infos("default")[0].state,
+            t.infos("default", Instant::now())[0].state,
             "not running: its phase is Failed, not Running"
         );
     }

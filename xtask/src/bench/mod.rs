@@ -13,9 +13,10 @@
 //! 2. [`tunnel`]: throughput and round trips through beamredir's port-forward (simulated API
 //!    server), against a plain 2-hop TCP relay and a direct route;
 //! 3. [`erlang`]: `rpc:call` round trips and a 64 MiB binary, beamredir against direct;
-//! 4. [`startup`]: `beamredir up` start-up time and resident memory.
+//! 4. [`startup`]: `beamredir up` start-up time and resident memory;
+//! 5. [`pods`]: `beamredir up --statefulset` over 1, 10 and 20 pods with 80 ms to the API server.
 //!
-//! 2-4 share one simulated cluster and its namespaces ([`sim`]).
+//! 2-4 share one simulated cluster and its namespaces ([`sim`]); 5 starts its own.
 //!
 //! Benchmarks assert nothing about time: they measure and report. Every namespace, session
 //! and rule they create is removed on the way out, also on error or Ctrl-C.
@@ -32,13 +33,14 @@ use anyhow::{Context, Result, bail, ensure};
 mod connect;
 mod erlang;
 mod plot;
+mod pods;
 mod report;
 mod sim;
 mod startup;
 mod tunnel;
 
 /// The benchmarks, in the order they run.
-const PARTS: [&str; 4] = ["connect", "tunnel", "erlang", "startup"];
+const PARTS: [&str; 5] = ["connect", "tunnel", "erlang", "startup", "pods"];
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -55,7 +57,7 @@ pub struct BenchArgs {
     /// --smoke 1,10).
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=16_000))]
     pub sizes: Vec<u32>,
-    /// Run only these benchmarks (comma-separated: connect, tunnel, erlang, startup; default all).
+    /// Run only these benchmarks (comma-separated: connect, tunnel, erlang, startup, pods; default all).
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(PARTS))]
     pub only: Vec<String>,
 }
@@ -159,6 +161,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             console.push(format!("{}\n{}", startup::markdown_table(&results), startup::verdict(&results)));
         }
         println!("bench: tearing down the simulated cluster");
+    }
+    if args.wants("pods") {
+        check_interrupted()?;
+        let config = pods::Config::new(&args);
+        println!("bench 5: many pods at once, {}", config.describe());
+        let results = pods::run(&config)?;
+        sections.push(pods::markdown(&results));
+        json_parts.push(("pods", pods::json(&results)));
+        console.push(pods::markdown_table(&results));
     }
 
     let machine = before.finish();
