@@ -4,8 +4,10 @@
 //! * [`host`]: serving a running session (signals, control socket, the command, the network
 //!   part's requests) — shared by `map` and `up`;
 //! * [`up`]: the root part of `up`: claim the name, start the network part, start the session;
-//! * [`admin`]: `exec`, `shell`, `status`, `down`, `doctor`.
+//! * [`admin`]: `exec`, `shell`, `status`, `down`, `doctor`;
+//! * [`completions`]: `completions`, `man`, and the `kubectl beamredir` plugin name.
 mod admin;
+pub mod completions;
 mod host;
 mod up;
 
@@ -80,6 +82,10 @@ pub enum Command {
     /// Check this host can run beamredir, and say what to fix if not.
     #[command(after_help = "Example:\n  sudo beamredir doctor")]
     Doctor,
+    /// Print a shell completion script (bash, zsh or fish).
+    Completions(completions::CompletionsArgs),
+    /// Print the man page, or write one per subcommand into a directory.
+    Man(completions::ManArgs),
     /// (internal) The unprivileged network part of a session, started by the root part.
     #[command(name = "__network-part", hide = true)]
     NetworkPart,
@@ -350,5 +356,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             admin::down(&state, args.session.as_deref(), args.all, args.any_user)
         }
         Command::Doctor => admin::doctor(&state),
+        Command::Completions(args) => completions::completions(&args),
+        Command::Man(args) => completions::man(&args),
     }
 }
