@@ -6,8 +6,11 @@ set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-# Debian packages used by the tests and the demo (real Erlang/Elixir peers, netns, bpftool).
-DEB_PACKAGES=(erlang-base erlang-crypto elixir iproute2 util-linux bpftool iptables python3 socat)
+# Debian packages used by the tests and the demo (real Erlang/Elixir peers, netns, bpftool;
+# the shells and man that check the completion scripts and man pages; musl-tools for the
+# static release build of `cargo xtask dist`).
+DEB_PACKAGES=(erlang-base erlang-crypto elixir iproute2 util-linux bpftool iptables python3 socat
+  bash zsh fish man-db groff-base musl-tools)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -46,6 +49,16 @@ fi
 if ! python3 -c "import kubernetes" >/dev/null 2>&1; then
   log "installing the Python kubernetes client (PyPI)"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "kubernetes==37.0.2"
+fi
+# JSON Schema validation of `beamredir status -o json` against docs/status.schema.json.
+if ! python3 -c "import jsonschema, sys; sys.exit(not hasattr(jsonschema, 'Draft202012Validator'))" >/dev/null 2>&1; then
+  log "installing the Python jsonschema validator (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "jsonschema==4.26.0"
+fi
+# `cargo xtask dist` builds a static binary: the musl target's standard library.
+if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  log "adding the x86_64-unknown-linux-musl target (static release builds)"
+  rustup target add x86_64-unknown-linux-musl
 fi
 # kubectl (the other independent client) ships with these machines; say so if it is missing.
 command -v kubectl >/dev/null 2>&1 || log "warning: kubectl not found; the kubectl fidelity test will fail"
@@ -93,4 +106,4 @@ if [ "${1:-}" = --vm ]; then
   fi
   log "vm ok ($(cat "$vm_dir/kernel/package") in $vm_dir/kernel, qemu, busybox-static)"
 fi
-log "ok (nightly rust-src, bpf-linker, Debian packages, Python kubernetes client)"
+log "ok (nightly rust-src, bpf-linker, musl target, Debian packages, Python kubernetes and jsonschema)"

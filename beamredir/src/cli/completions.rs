@@ -160,9 +160,8 @@ pub fn write_completions(shell: CompletionShell, out: &mut dyn Write) {
 /// `beamredir man [--out DIR]`.
 pub fn man(args: &ManArgs) -> Result<i32> {
     let Some(dir) = &args.out else {
-        let mut page = Vec::new();
-        man_page(public_command().disable_help_subcommand(true)).render(&mut page)?;
-        return write_stdout(&page);
+        let page = render_man(man_page(public_command().disable_help_subcommand(true)))?;
+        return write_stdout(page.as_bytes());
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for path in write_man_pages(dir)? {
@@ -175,9 +174,9 @@ pub fn man(args: &ManArgs) -> Result<i32> {
 pub fn write_man_pages(dir: &Path) -> Result<Vec<PathBuf>> {
     fn pages(cmd: Command, dir: &Path, written: &mut Vec<PathBuf>) -> Result<()> {
         let page = man_page(cmd.clone());
-        let path = page
-            .generate_to(dir)
-            .with_context(|| format!("writing a man page into {}", dir.display()))?;
+        let path = dir.join(page.get_filename());
+        std::fs::write(&path, render_man(page)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         written.push(path);
         for sub in cmd.get_subcommands().cloned() {
             pages(sub, dir, written)?;
@@ -197,6 +196,24 @@ fn man_page(cmd: Command) -> clap_mangen::Man {
     clap_mangen::Man::new(cmd)
         .date(man_date())
         .manual("beamredir manual")
+}
+
+/// The page as roff in ASCII: other characters (the help texts' "…") become groff's `\[uXXXX]`
+/// escapes, so plain `groff -man` renders them too, not only man-db (which runs preconv).
+fn render_man(page: clap_mangen::Man) -> Result<String> {
+    let mut roff = Vec::new();
+    page.render(&mut roff)?;
+    let roff = String::from_utf8(roff)?;
+    Ok(roff
+        .chars()
+        .map(|c| {
+            if c.is_ascii() {
+                c.to_string()
+            } else {
+                format!("\\[u{:04X}]", c as u32)
+            }
+        })
+        .collect())
 }
 
 /// The pages' date: $SOURCE_DATE_EPOCH (reproducible builds) or today, as YYYY-MM-DD (UTC).
