@@ -301,6 +301,15 @@ fn kubectl_beamredir_runs_beamredir_through_the_real_kubectl() -> Result<()> {
         assert_eq!(via, String::from_utf8(direct.stdout)?, "{format:?}");
         ensure!(via.contains(&session), "{via}");
     }
+    // kubectl passes none of its own flags on and refuses them before the plugin name (the
+    // README says to give beamredir's flags after `beamredir`).
+    let before = kubectl(&["-n", "shop", "beamredir", "status"])?;
+    ensure!(
+        !before.status.success()
+            && text(&before).contains("flags cannot be placed before plugin name: -n"),
+        "{}",
+        text(&before)
+    );
     // Its usage names it as the user typed it; its version is beamredir's.
     let help = kubectl(&["beamredir", "status", "--help"])?;
     ensure!(
@@ -320,6 +329,51 @@ fn kubectl_beamredir_runs_beamredir_through_the_real_kubectl() -> Result<()> {
         String::from_utf8(version.stdout)?,
         stdout_of(Command::new(beamredir_bin()).arg("--version"))?
     );
+    Ok(())
+}
+
+#[test]
+fn kubectl_completes_kubectl_beamredir_through_kubectl_complete_beamredir() -> Result<()> {
+    let plugins = plugin_dir()?;
+    std::os::unix::fs::symlink(
+        beamredir_bin(),
+        plugins.path().join("kubectl_complete-beamredir"),
+    )?;
+    // What kubectl's shell completion scripts run: `kubectl __complete WORDS…`.
+    let complete = |words: &[&str]| -> Result<(Vec<String>, String)> {
+        let out = stdout_of(
+            Command::new("/usr/bin/kubectl")
+                .arg("__complete")
+                .arg("beamredir")
+                .args(words)
+                .env("PATH", path_with(plugins.path())),
+        )?;
+        let mut lines: Vec<String> = out.lines().map(str::to_owned).collect();
+        let directive = lines.pop().context("no directive")?;
+        let names = lines
+            .iter()
+            .map(|l| l.split('\t').next().unwrap().to_owned())
+            .collect();
+        Ok((names, directive))
+    };
+    let (subs, directive) = complete(&[""])?;
+    assert_eq!(directive, ":4", "no file names among subcommands");
+    for name in subcommands()? {
+        ensure!(subs.contains(&name), "{name} not offered: {subs:?}");
+    }
+    ensure!(!subs.iter().any(|s| s.starts_with("__")), "{subs:?}");
+    assert_eq!(complete(&["st"])?.0, ["status"]);
+    assert_eq!(
+        complete(&["status", "-o", ""])?.0,
+        ["table", "wide", "json"]
+    );
+    let (flags, _) = complete(&["up", "--sta"])?;
+    ensure!(
+        flags.contains(&"--statefulset".into()) && flags.contains(&"--state-dir".into()),
+        "{flags:?}"
+    );
+    // A path-valued flag leaves file names to the shell.
+    assert_eq!(complete(&["up", "--kubeconfig", ""])?.1, ":0");
     Ok(())
 }
 
@@ -449,7 +503,8 @@ fn the_schema_is_strict_and_covers_every_shape_of_the_rust_types() -> Result<()>
 
     // Strict: the schema refuses what the types would not produce.
     let one: serde_json::Value = serde_json::from_str(&json)?;
-    let mutations: [(&str, fn(&mut serde_json::Value)); 8] = [
+    type Mutation = (&'static str, fn(&mut serde_json::Value));
+    let mutations: [Mutation; 8] = [
         ("an unknown field", |v| v[0]["extra"] = 1.into()),
         ("a missing field", |v| {
             drop(v[0].as_object_mut().unwrap().remove("pid"))

@@ -6,7 +6,10 @@
 //!   subcommand, beamredir-up(1) and so on (clap_mangen);
 //! * invoked as `kubectl-beamredir` (a link or copy on PATH, which kubectl runs for
 //!   `kubectl beamredir …`), the program is beamredir; only its usage and help say
-//!   `kubectl beamredir`.
+//!   `kubectl beamredir`;
+//! * invoked as `kubectl_complete-beamredir`, it answers kubectl's (≥ 1.26) plugin completion:
+//!   kubectl runs it with the words after `beamredir`, the last one being completed, and reads
+//!   candidates, one per line, then Cobra's `:DIRECTIVE` line.
 //!
 //! Hidden subcommands (`__network-part`) are internal: they are neither completed nor
 //! documented.
@@ -22,6 +25,8 @@ use super::Cli;
 
 /// The name kubectl looks for on PATH to run `kubectl beamredir …`.
 pub const KUBECTL_PLUGIN: &str = "kubectl-beamredir";
+/// The name kubectl runs to complete `kubectl beamredir …` in the shell.
+pub const KUBECTL_COMPLETE: &str = "kubectl_complete-beamredir";
 
 // No doc comment here: the variant's own is the subcommand's description.
 #[derive(Args, Debug)]
@@ -56,8 +61,15 @@ pub struct ManArgs {
 /// Parses the command line, as `Cli::parse()` does, except that under the plugin name the
 /// usage, help and errors say `kubectl beamredir`.
 pub fn parse() -> Cli {
+    let argv0 = std::env::args_os().next();
+    if file_name_is(argv0.as_deref(), KUBECTL_COMPLETE) {
+        let words: Vec<String> = std::env::args().skip(1).collect();
+        let answer = kubectl_complete(&words);
+        let code = write_stdout(answer.as_bytes()).map_or(1, |_| 0);
+        std::process::exit(code);
+    }
     let mut cmd = Cli::command();
-    if invoked_as_kubectl_plugin(std::env::args_os().next().as_deref()) {
+    if invoked_as_kubectl_plugin(argv0.as_deref()) {
         cmd = cmd.bin_name("kubectl beamredir");
     }
     let mut matches = cmd.get_matches_mut();
@@ -66,9 +78,107 @@ pub fn parse() -> Cli {
 
 /// Whether argv[0] names the kubectl plugin (kubectl runs it by its full path).
 fn invoked_as_kubectl_plugin(argv0: Option<&std::ffi::OsStr>) -> bool {
+    file_name_is(argv0, KUBECTL_PLUGIN)
+}
+
+fn file_name_is(argv0: Option<&std::ffi::OsStr>, name: &str) -> bool {
     argv0
         .and_then(|a| Path::new(a).file_name())
-        .is_some_and(|name| name == KUBECTL_PLUGIN)
+        .is_some_and(|n| n == name)
+}
+
+/// Cobra's completion directives (what kubectl's shell scripts do after the candidates).
+const DIRECTIVE_DEFAULT: u8 = 0; // the shell may complete file names
+const DIRECTIVE_NO_FILE: u8 = 4;
+
+/// The answer to kubectl's plugin completion for `kubectl beamredir WORDS…` (the last word is
+/// the one being completed, possibly empty): subcommands, flags, or a flag's values, each as
+/// `candidate<TAB>description`, then `:DIRECTIVE`.
+pub fn kubectl_complete(words: &[String]) -> String {
+    let mut root = public_command();
+    root.build();
+    let (done, current) = match words.split_last() {
+        Some((last, done)) => (done, last.as_str()),
+        None => (&[][..], ""),
+    };
+    let mut cmd = &root;
+    // The flag whose value is being completed, if any.
+    let mut pending: Option<&clap::Arg> = None;
+    for word in done {
+        if pending.take().is_some() {
+            continue;
+        }
+        if word == "--" {
+            // The command to run in the session: the shell's business.
+            return format!(":{DIRECTIVE_DEFAULT}\n");
+        }
+        if let Some(long) = word.strip_prefix("--") {
+            if !long.contains('=') {
+                pending = cmd
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(long))
+                    .filter(|a| a.get_action().takes_values());
+            }
+        } else if let Some(shorts) = word.strip_prefix('-').filter(|s| !s.is_empty()) {
+            // -abc: only the last short flag can take the next word as its value.
+            let last = shorts.chars().last().unwrap();
+            pending = cmd
+                .get_arguments()
+                .find(|a| a.get_short() == Some(last))
+                .filter(|a| a.get_action().takes_values());
+        } else if let Some(sub) = cmd.find_subcommand(word) {
+            cmd = sub;
+        }
+    }
+    let mut candidates: Vec<(String, String)> = Vec::new();
+    let mut directive = DIRECTIVE_NO_FILE;
+    let help = |h: Option<&clap::builder::StyledStr>| {
+        h.map(|h| h.to_string().lines().next().unwrap_or("").to_owned())
+            .unwrap_or_default()
+    };
+    if let Some(arg) = pending {
+        let values = arg.get_possible_values();
+        if values.is_empty() {
+            let names = arg.get_value_names().unwrap_or_default();
+            let path = |n: &str| n.ends_with("PATH") || n.ends_with("DIR") || n.ends_with("FILE");
+            if names.iter().any(|n| path(n.as_str())) {
+                directive = DIRECTIVE_DEFAULT;
+            }
+        }
+        for v in values.iter().filter(|v| !v.is_hide_set()) {
+            candidates.push((v.get_name().to_owned(), help(v.get_help())));
+        }
+    } else if current.starts_with('-') {
+        for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            if let Some(long) = arg.get_long() {
+                candidates.push((format!("--{long}"), help(arg.get_help())));
+            }
+        }
+    } else {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            candidates.push((sub.get_name().to_owned(), help(sub.get_about())));
+        }
+        // Positional arguments with a fixed set of values (`completions SHELL`).
+        for arg in cmd.get_positionals().filter(|a| !a.is_hide_set()) {
+            for v in arg
+                .get_possible_values()
+                .iter()
+                .filter(|v| !v.is_hide_set())
+            {
+                candidates.push((v.get_name().to_owned(), help(v.get_help())));
+            }
+        }
+    }
+    let mut out = String::new();
+    for (candidate, about) in candidates.iter().filter(|(c, _)| c.starts_with(current)) {
+        if about.is_empty() {
+            out.push_str(&format!("{candidate}\n"));
+        } else {
+            out.push_str(&format!("{candidate}\t{about}\n"));
+        }
+    }
+    out.push_str(&format!(":{directive}\n"));
+    out
 }
 
 /// The command line users see: [`Cli`] without its hidden subcommands.
@@ -341,6 +451,53 @@ mod tests {
             assert!(files.contains(&format!("beamredir-{name}.1")), "{files:?}");
         }
         assert!(!files.iter().any(|f| f.contains("__")), "{files:?}");
+    }
+
+    fn complete(line: &str) -> (Vec<String>, String) {
+        let mut words: Vec<String> = line.split(' ').map(str::to_owned).collect();
+        if words == [""] {
+            words.clear();
+        }
+        let answer = kubectl_complete(&words);
+        let mut lines: Vec<String> = answer.lines().map(str::to_owned).collect();
+        let directive = lines.pop().unwrap();
+        let names = lines
+            .iter()
+            .map(|l| l.split('\t').next().unwrap().to_owned())
+            .collect();
+        (names, directive)
+    }
+
+    #[test]
+    fn kubectl_plugin_completion() {
+        let (all, d) = complete("");
+        assert_eq!(d, ":4");
+        assert_eq!(
+            all,
+            names(&public_command())
+                .into_iter()
+                .chain(["help".to_owned()])
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(complete("st"), (vec!["status".to_owned()], ":4".to_owned()));
+        assert_eq!(complete("__").0, Vec::<String>::new());
+        let (flags, _) = complete("up --st");
+        assert!(
+            flags.contains(&"--statefulset".into()) && flags.contains(&"--state-dir".into()),
+            "{flags:?}"
+        );
+        assert_eq!(complete("status -o ").0, ["table", "wide", "json"]);
+        assert_eq!(complete("status --output j").0, ["json"]);
+        assert_eq!(complete("-v status -o w").0, ["wide"]);
+        assert_eq!(complete("completions ").0, ["bash", "zsh", "fish"]);
+        // A flag's value is not a subcommand; after it, subcommands again.
+        assert_eq!(complete("--state-dir ").1, ":0");
+        assert_eq!(complete("--state-dir /tmp st").0, ["status"]);
+        // The command after `--` is the shell's to complete.
+        assert_eq!(
+            complete("map 10.0.0.1:4369=14369 -- er"),
+            (vec![], ":0".to_owned())
+        );
     }
 
     #[test]
