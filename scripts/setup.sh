@@ -8,9 +8,9 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # Debian packages used by the tests and the demo (real Erlang/Elixir peers, netns, bpftool;
 # the shells and man that check the completion scripts and man pages; musl-tools for the
-# static release build of `cargo xtask dist`).
+# static release build of `cargo xtask dist`, binutils for its strip and objdump -T).
 DEB_PACKAGES=(erlang-base erlang-crypto elixir iproute2 util-linux bpftool iptables python3 socat
-  bash zsh fish man-db groff-base musl-tools)
+  bash zsh fish man-db groff-base musl-tools binutils)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
