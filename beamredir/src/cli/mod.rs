@@ -238,7 +238,7 @@ pub struct StatusArgs {
     /// Same as -o json.
     #[arg(long, conflicts_with = "output")]
     pub json: bool,
-    /// Print again every 2 s until interrupted.
+    /// Print again every 2 s until interrupted (-o json: one document per line).
     #[arg(short = 'w', long)]
     pub watch: bool,
 }
