@@ -10,9 +10,12 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 # tinyproxy: the HTTP CONNECT proxy in front of the simulated API server). For `remsh`/`observer`
 # (tests/tests/connect.rs): erlang-ssl and openssl (TLS distribution with test certificates),
 # erlang-observer, xvfb (an X server with no screen) and xauth (its cookie), x11-utils (xwininfo),
-# x11-apps (xwd) and imagemagick (the screenshot as PNG).
+# x11-apps (xwd) and imagemagick (the screenshot as PNG). The shells and man that check the
+# completion scripts and man pages; musl-tools for the static release build of `cargo xtask
+# dist`, binutils for its strip and objdump -T.
 DEB_PACKAGES=(erlang-base erlang-crypto elixir iproute2 util-linux bpftool iptables python3 socat tinyproxy
-  erlang-ssl openssl erlang-observer xvfb xauth x11-utils x11-apps imagemagick)
+  erlang-ssl openssl erlang-observer xvfb xauth x11-utils x11-apps imagemagick
+  bash zsh fish man-db groff-base musl-tools binutils)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -55,6 +58,16 @@ fi
 if ! python3 -c "import kubernetes" >/dev/null 2>&1; then
   log "installing the Python kubernetes client (PyPI)"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "kubernetes==37.0.2"
+fi
+# JSON Schema validation of `beamredir status -o json` against docs/status.schema.json.
+if ! python3 -c "import jsonschema, sys; sys.exit(not hasattr(jsonschema, 'Draft202012Validator'))" >/dev/null 2>&1; then
+  log "installing the Python jsonschema validator (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "jsonschema==4.26.0"
+fi
+# `cargo xtask dist` builds a static binary: the musl target's standard library.
+if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  log "adding the x86_64-unknown-linux-musl target (static release builds)"
+  rustup target add x86_64-unknown-linux-musl
 fi
 # kubectl (the other independent client) ships with these machines; say so if it is missing.
 command -v kubectl >/dev/null 2>&1 || log "warning: kubectl not found; the kubectl fidelity test will fail"
@@ -102,4 +115,4 @@ if [ "${1:-}" = --vm ]; then
   fi
   log "vm ok ($(cat "$vm_dir/kernel/package") in $vm_dir/kernel, qemu, busybox-static)"
 fi
-log "ok (nightly rust-src, bpf-linker, Debian packages, Python kubernetes client)"
+log "ok (nightly rust-src, bpf-linker, musl target, Debian packages, Python kubernetes and jsonschema)"

@@ -4,7 +4,7 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args = <cli::Cli as clap::Parser>::parse();
+    let args = cli::completions::parse();
     cli::init_logging(&args);
     match cli::run(args) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

@@ -1,4 +1,4 @@
-//! Build, test and demo orchestration: `cargo xtask <setup|build|test|demo|bench|vm-shell>`.
+//! Build, test and demo orchestration: `cargo xtask <setup|build|test|demo|bench|vm-shell|dist>`.
 //!
 //! Every task that needs tools first runs `scripts/setup.sh`, which installs what is missing
 //! (nightly rust-src, bpf-linker, Debian packages) and does nothing when all is there.
@@ -8,6 +8,7 @@ use std::{
 };
 
 mod bench;
+mod dist;
 mod vm;
 
 use anyhow::{Context, Result, bail};
@@ -49,6 +50,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Debugging aid: the `test --vm` guest with a shell on the console.
     VmShell,
+    /// Release package: static binary (eBPF embedded), kubectl-beamredir link, completions,
+    /// man pages, README-dist.txt, SHA256SUMS and a tarball, in target/dist/.
+    Dist(dist::DistArgs),
 }
 
 /// How long `cargo xtask test` fuzzes the EPMD parser.
@@ -123,6 +127,10 @@ fn main() -> Result<()> {
                 run(Command::new("bash").arg(workspace_root().join("scripts/fuzz-epmd.sh")).arg(FUZZ_SECONDS))?;
                 // The benchmarks at tiny sizes, so they cannot rot (they measure nothing here).
                 run(cargo().args(["xtask", "bench", "--smoke"]).env("BEAMREDIR_BIN", &bin))?;
+                // The release packaging, on the debug build already there (seconds; the static
+                // release build itself takes minutes and is `cargo xtask dist`).
+                let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(workspace_root().join("target"));
+                dist::package_debug(&bin, &target.join("dist-check"))?;
             }
             Ok(())
         }
@@ -139,6 +147,10 @@ fn main() -> Result<()> {
             setup_vm()?;
             let bin = build(false)?;
             vm::shell(&bin)
+        }
+        Task::Dist(args) => {
+            setup()?;
+            dist::dist(&args).map(|_| ())
         }
         Task::Bench(args) => {
             require_root("bench")?;

@@ -84,11 +84,19 @@ fn session_statuses(state: &StateDir) -> Vec<SessionStatus> {
         .collect()
 }
 
+/// `status`, once or (`--watch`) every 2 s. Watching, `-o json` prints one compact document
+/// per refresh, one per line (as `kubectl get -w -o json` does), and the tables redraw the
+/// screen. A watch ends cleanly, with code 0 and never in the middle of a document, on
+/// SIGINT/SIGTERM/SIGHUP or when its reader goes away (`status -w -o json | head -n 3`).
 pub fn status(state: &StateDir, output: Output, watch: bool) -> Result<i32> {
+    if watch {
+        watch_signals::install()?;
+    }
     loop {
         let statuses = session_statuses(state);
         let mut out = String::new();
         match output {
+            Output::Json if watch => out = serde_json::to_string(&statuses)? + "\n",
             Output::Json => out = serde_json::to_string_pretty(&statuses)? + "\n",
             _ if statuses.is_empty() => {
                 out.push_str("No beamredir sessions.\n");
@@ -102,15 +110,65 @@ pub fn status(state: &StateDir, output: Output, watch: bool) -> Result<i32> {
             out.insert_str(0, "\x1b[H\x1b[2J");
         }
         // `status | head` closes the pipe early: that is not an error.
-        match std::io::stdout().lock().write_all(out.as_bytes()) {
+        let mut stdout = std::io::stdout().lock();
+        match stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()) {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
             Err(e) => return Err(e.into()),
             Ok(()) => {}
         }
-        if !watch {
+        drop(stdout);
+        if !watch || watch_signals::wait(Duration::from_secs(2)) {
             return Ok(0);
         }
-        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// How `status --watch` notices it should end between two refreshes.
+mod watch_signals {
+    use std::{
+        os::fd::AsRawFd,
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
+    };
+
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
+    static STOP: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, Ordering::SeqCst);
+    }
+
+    /// SIGINT, SIGTERM and SIGHUP set a flag instead of killing the process. Without
+    /// SA_RESTART, so a wait in poll() returns at once.
+    pub fn install() -> anyhow::Result<()> {
+        let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            // SAFETY: the handler only stores to an atomic (async-signal-safe).
+            unsafe { sigaction(signal, &action)? };
+        }
+        Ok(())
+    }
+
+    /// Waits up to `period`; true if the watch should end: a signal came, or stdout's reader
+    /// is gone (a pipe reports POLLERR to its writer once the reading end is closed).
+    pub fn wait(period: Duration) -> bool {
+        let deadline = Instant::now() + period;
+        loop {
+            if STOP.load(Ordering::SeqCst) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut fd = libc::pollfd { fd: std::io::stdout().as_raw_fd(), events: 0, revents: 0 };
+            // SAFETY: one valid pollfd; events 0 asks only for POLLERR/POLLHUP/POLLNVAL.
+            let n = unsafe { libc::poll(&mut fd, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
+            if n > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                return true;
+            }
+        }
     }
 }
 

@@ -5,8 +5,10 @@
 //!   part's requests) — shared by `map` and `up`;
 //! * [`up`]: the root part of `up`: claim the name, start the network part, start the session;
 //! * [`shell`]: `remsh`, `observer`, `rpc`: from a pod name to the right node;
-//! * [`admin`]: `exec`, `shell`, `status`, `down`, `doctor`.
+//! * [`admin`]: `exec`, `shell`, `status`, `down`, `doctor`;
+//! * [`completions`]: `completions`, `man`, and the `kubectl beamredir` plugin name.
 mod admin;
+pub mod completions;
 mod host;
 mod shell;
 mod up;
@@ -98,6 +100,10 @@ pub enum Command {
     /// Check this host can run beamredir, and say what to fix if not.
     #[command(after_help = "Example:\n  sudo beamredir doctor")]
     Doctor,
+    /// Print a shell completion script (bash, zsh or fish).
+    Completions(completions::CompletionsArgs),
+    /// Print the man page, or write one per subcommand into a directory.
+    Man(completions::ManArgs),
     /// (internal) The unprivileged network part of a session, started by the root part.
     #[command(name = "__network-part", hide = true)]
     NetworkPart,
@@ -258,7 +264,7 @@ pub struct StatusArgs {
     /// Same as -o json.
     #[arg(long, conflicts_with = "output")]
     pub json: bool,
-    /// Print again every 2 s until interrupted.
+    /// Print again every 2 s until interrupted (-o json: one document per line).
     #[arg(short = 'w', long)]
     pub watch: bool,
 }
@@ -425,5 +431,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             state.verify()?;
             admin::doctor(&state)
         }
+        Command::Completions(args) => completions::completions(&args),
+        Command::Man(args) => completions::man(&args),
     }
 }
