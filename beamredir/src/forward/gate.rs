@@ -174,6 +174,17 @@ impl Gate {
         cg.0.contains(&id)
     }
 
+    /// Whether the process that opened the connection from `peer` to `local` has closed its
+    /// socket (or the socket is gone). False when that cannot be told.
+    pub fn peer_closed(&self, local: SocketAddr, peer: SocketAddr) -> bool {
+        let lookup = self.lookup.lock().unwrap();
+        match lookup.as_ref().map(|l| l.lookup(local, peer)) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(info))) => info.is_closed(),
+            _ => false,
+        }
+    }
+
     fn log_refusal(&self, refused: &Refused, label: &str) {
         let key = match refused {
             Refused::Outsider { uid, .. } => (*uid, None),

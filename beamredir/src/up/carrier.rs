@@ -1,7 +1,8 @@
 //! What happens to one admitted local connection: a port-forward to its pod port through the
 //! API server (given up early if the local side closes while the upgrade is pending), then the
-//! relay. The epmd forward also watches the epmd conversation to learn distribution ports
-//! before their answers reach the local node (see [`crate::erlang::epmd`]).
+//! relay (ended as soon as the local side has closed its socket, see
+//! [`portforward::relay_with`]). The epmd forward also watches the epmd conversation to learn
+//! distribution ports before their answers reach the local node (see [`crate::erlang::epmd`]).
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::net::TcpStream;
@@ -10,15 +11,24 @@ use super::{Up, reconciler::learn_port};
 use crate::{
     erlang::epmd::{EpmdConversation, Event},
     forward::Carrier,
-    k8s::portforward::{self, Ended, Inspector},
+    k8s::portforward::{self, Ended, Inspector, LocalClosed, NoInspection},
 };
 
 /// Opens a port-forward per accepted connection and relays it.
 pub fn carrier(up: &Arc<Up>, pod: &str, port: u16, is_epmd: bool) -> Carrier {
     let (weak, cluster, pod) = (Arc::downgrade(up), up.cluster.clone(), pod.to_string());
     let timeout = up.config.limits.upgrade_timeout();
+    let gate = up.registry.gate().clone();
     Arc::new(move |conn, stats| {
         let (weak, cluster, pod) = (weak.clone(), cluster.clone(), pod.clone());
+        // After a local EOF: has the local process closed its socket, or only half-closed it?
+        let closed_probe: Option<LocalClosed> = match (conn.local_addr(), conn.peer_addr()) {
+            (Ok(local), Ok(peer)) => {
+                let gate = gate.clone();
+                Some(Arc::new(move || gate.peer_closed(local, peer)))
+            }
+            _ => None,
+        };
         Box::pin(async move {
             let ws = tokio::select! {
                 ws = portforward::open(&cluster, &pod, port, timeout) => ws.map_err(|e| e.to_string())?,
@@ -30,9 +40,9 @@ pub fn carrier(up: &Arc<Up>, pod: &str, port: u16, is_epmd: bool) -> Carrier {
                     up: weak,
                     pod: pod.clone(),
                 };
-                portforward::relay_inspected(ws, conn, port, stats, watcher).await
+                portforward::relay_with(ws, conn, port, stats, watcher, closed_probe).await
             } else {
-                portforward::relay(ws, conn, port, stats).await
+                portforward::relay_with(ws, conn, port, stats, NoInspection, closed_probe).await
             };
             match ended {
                 Ok(Ended::Closed) => Ok(()),
