@@ -278,7 +278,7 @@ fn take_down(up: &Up, name: &str, why: String) {
             up.cluster.namespace
         );
     }
-    table.set_down(name, why);
+    table.set_down(name, why, Instant::now());
 }
 
 /// A distribution port epmd just told a local node about: make sure it has a forward and a
