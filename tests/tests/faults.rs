@@ -691,6 +691,9 @@ fn blackholed_api_server_relays_end_within_90s_and_the_session_recovers() -> Res
     );
     let t0 = unix_ms();
     cluster.blackhole_api_server(true)?;
+    // The session answers throughout (status never waits for the API server).
+    thread::sleep(Duration::from_secs(5));
+    let during = s.status();
     let ended = holder.expect("\"held\"", Duration::from_secs(160));
     cluster.blackhole_api_server(false)?;
     ended?;
@@ -721,6 +724,10 @@ fn blackholed_api_server_relays_end_within_90s_and_the_session_recovers() -> Res
             .contains("no data and no pong from the API server for 50s"),
         "{}",
         s.log_text()
+    );
+    ensure!(
+        during.is_some_and(|st| st["state"] == "running" && st["connections"]["active"] == 20),
+        "status during the blackhole"
     );
     // The session survived: same process, still answering.
     ensure!(
