@@ -493,7 +493,11 @@ fn load_2000_connections_against_a_cap_of_512_wait_or_are_refused_and_status_kee
     );
     // Past the cap, connections waited; those that found no slot in time were closed, and
     // each of those is counted: the client lost exactly the connections beamredir refused.
-    ensure!(conns["waited"].as_u64() >= Some(2000 - 512), "{conns}");
+    ensure!(
+        conns["waited"].as_u64() > Some(0)
+            && conns["waited"].as_u64() >= conns["over_limit"].as_u64(),
+        "{conns}"
+    );
     ensure!(
         r["lost"] == conns["over_limit"],
         "client lost {} connections, status counts {} over the limit: {r}",
