@@ -525,7 +525,7 @@ fn mib(kib: u64) -> f64 {
 }
 
 fn human(d: Duration) -> String {
-    if d.as_secs() % 60 == 0 {
+    if d.as_secs().is_multiple_of(60) {
         format!("{} min", d.as_secs() / 60)
     } else {
         format!("{} s", d.as_secs())
