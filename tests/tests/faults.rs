@@ -1124,7 +1124,6 @@ fn signals_under_load_leave_nothing_attached_and_nothing_behind() -> Result<()> 
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
     let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
-    let cgroup_root = beamredir_testbed::cgroup2_root()?;
     for kill in [
         Kill::Root(SIGTERM),
         Kill::Root(SIGHUP),
@@ -1137,7 +1136,11 @@ fn signals_under_load_leave_nothing_attached_and_nothing_behind() -> Result<()> 
         )?;
         s.wait_redirect(&addr, Duration::from_secs(30))?;
         let (pid, net) = (s.pid(), s.net_pid()?);
-        let cgroup = cgroup_root.join("beamredir").join(&s.name);
+        let cgroup = PathBuf::from(
+            s.status().context("status")?["cgroup_path"]
+                .as_str()
+                .context("cgroup path")?,
+        );
         ensure!(
             bpftool_cgroup_programs(&cgroup)?.len() == 4,
             "programs not attached"
