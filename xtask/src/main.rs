@@ -1,4 +1,4 @@
-//! Build, test and demo orchestration: `cargo xtask <setup|build|test|demo|bench|vm-shell|dist>`.
+//! Build, test and demo orchestration: `cargo xtask <setup|build|test|demo|bench|soak|vm-shell|dist>`.
 //!
 //! Every task that needs tools first runs `scripts/setup.sh`, which installs what is missing
 //! (nightly rust-src, bpf-linker, Debian packages) and does nothing when all is there.
@@ -9,6 +9,7 @@ use std::{
 
 mod bench;
 mod dist;
+mod soak;
 mod vm;
 
 use anyhow::{Context, Result, bail};
@@ -48,6 +49,9 @@ enum Task {
     Demo,
     /// Benchmarks (side by side in one run): report under target/bench/.
     Bench(bench::BenchArgs),
+    /// Steady connect-and-rpc load through one session for N minutes; memory and descriptor
+    /// slopes under target/soak/.
+    Soak(soak::SoakArgs),
     /// Debugging aid: the `test --vm` guest with a shell on the console.
     VmShell,
     /// Release package: static binary (eBPF embedded), kubectl-beamredir link, completions,
@@ -57,6 +61,8 @@ enum Task {
 
 /// How long `cargo xtask test` fuzzes the EPMD parser.
 const FUZZ_SECONDS: &str = "30";
+/// How long `cargo xtask test` soaks (the full run is `cargo xtask soak --minutes 10`).
+const SOAK_MINUTES: &str = "1";
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -95,6 +101,13 @@ fn build(release: bool) -> Result<PathBuf> {
     Ok(target.join(if release { "release" } else { "debug" }).join("beamredir"))
 }
 
+/// The load client the faults tests and the soak use (tests/src/bin/load.rs), built.
+fn build_load_client() -> Result<PathBuf> {
+    run(cargo().args(["build", "--package", "beamredir-testbed", "--bin", "beamredir-load"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(workspace_root().join("target"));
+    Ok(target.join("debug/beamredir-load"))
+}
+
 fn require_root(task: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -131,6 +144,8 @@ fn main() -> Result<()> {
                 // release build itself takes minutes and is `cargo xtask dist`).
                 let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(workspace_root().join("target"));
                 dist::package_debug(&bin, &target.join("dist-check"))?;
+                // A short soak: a minute of steady load through one session, nothing may fail.
+                run(cargo().args(["xtask", "soak", "--minutes", SOAK_MINUTES]).env("BEAMREDIR_BIN", &bin))?;
             }
             Ok(())
         }
@@ -141,6 +156,13 @@ fn main() -> Result<()> {
             // SAFETY: single-threaded at this point.
             unsafe { std::env::set_var("BEAMREDIR_BIN", &bin) };
             beamredir_testbed::demo::run()
+        }
+        Task::Soak(args) => {
+            require_root("soak")?;
+            setup()?;
+            let bin = build(false)?;
+            let load = build_load_client()?;
+            soak::run(args, &bin, &load)
         }
         Task::VmShell => {
             require_root("vm-shell")?;

@@ -57,6 +57,8 @@ pub struct Gate {
     wait: Duration,
     counters: Counters,
     logged: Mutex<HashSet<(u32, Option<u64>)>>,
+    /// The most connections carried at once since [`Gate::take_peak`] last asked.
+    peak: AtomicU64,
 }
 
 impl Gate {
@@ -78,6 +80,7 @@ impl Gate {
             wait,
             counters: Counters::default(),
             logged: Mutex::new(HashSet::new()),
+            peak: AtomicU64::new(0),
         })
     }
 
@@ -100,11 +103,15 @@ impl Gate {
     /// frees the slot when the connection ends.
     pub async fn slot(&self, label: &str) -> Result<OwnedSemaphorePermit, Refused> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            self.note_active();
             return Ok(permit);
         }
         self.counters.waited.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(permit)) => {
+                self.note_active();
+                Ok(permit)
+            }
             _ => {
                 let n = self.counters.over_limit.fetch_add(1, Ordering::Relaxed);
                 let refused = Refused::OverLimit {
@@ -174,6 +181,17 @@ impl Gate {
         cg.0.contains(&id)
     }
 
+    /// Whether the process that opened the connection from `peer` to `local` has closed its
+    /// socket (or the socket is gone). False when that cannot be told.
+    pub fn peer_closed(&self, local: SocketAddr, peer: SocketAddr) -> bool {
+        let lookup = self.lookup.lock().unwrap();
+        match lookup.as_ref().map(|l| l.lookup(local, peer)) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(info))) => info.is_closed(),
+            _ => false,
+        }
+    }
+
     fn log_refusal(&self, refused: &Refused, label: &str) {
         let key = match refused {
             Refused::Outsider { uid, .. } => (*uid, None),
@@ -185,9 +203,24 @@ impl Gate {
         }
     }
 
+    fn active(&self) -> u64 {
+        (self.limit - self.slots.available_permits()) as u64
+    }
+
+    fn note_active(&self) {
+        self.peak.fetch_max(self.active(), Ordering::Relaxed);
+    }
+
+    /// (connections carried now, the most carried at once since the last call).
+    pub fn take_peak(&self) -> (u64, u64) {
+        let active = self.active();
+        let peak = self.peak.swap(active, Ordering::Relaxed);
+        (active, peak.max(active))
+    }
+
     pub fn stats(&self) -> ConnectionStats {
         ConnectionStats {
-            active: (self.limit - self.slots.available_permits()) as u64,
+            active: self.active(),
             limit: self.limit as u64,
             waited: self.counters.waited.load(Ordering::Relaxed),
             over_limit: self.counters.over_limit.load(Ordering::Relaxed),

@@ -35,6 +35,17 @@ pub struct PeerInfo {
     pub uid: u32,
     /// None on kernels without INET_DIAG_CGROUP_ID (< 5.7).
     pub cgroup_id: Option<u64>,
+    /// The socket's inode: 0 once no process holds it any more (closed by its owner, but still
+    /// finishing its TCP shutdown: orphaned, or a TIME_WAIT/FIN_WAIT2 mini-socket).
+    pub inode: u32,
+}
+
+impl PeerInfo {
+    /// Whether the process at the other end has closed its socket (not just shut down its
+    /// sending side): nobody can read what is sent to it any more.
+    pub fn is_closed(&self) -> bool {
+        self.inode == 0
+    }
 }
 
 /// A netlink socket for sock_diag lookups (one per forward process is enough).
@@ -149,6 +160,7 @@ fn parse_response(b: &[u8]) -> io::Result<Option<PeerInfo>> {
                 return Err(bad());
             }
             let uid = u32_at(msg, 64).ok_or_else(bad)?;
+            let inode = u32_at(msg, 68).ok_or_else(bad)?;
             let mut cgroup_id = None;
             let mut at = MSG_LEN;
             // Attributes: (len u16, type u16, payload), each padded to 4 bytes.
@@ -165,7 +177,11 @@ fn parse_response(b: &[u8]) -> io::Result<Option<PeerInfo>> {
                 }
                 at += (alen + 3) & !3;
             }
-            Ok(Some(PeerInfo { uid, cgroup_id }))
+            Ok(Some(PeerInfo {
+                uid,
+                cgroup_id,
+                inode,
+            }))
         }
         _ => Err(bad()),
     }
@@ -225,7 +241,15 @@ mod tests {
                 assert_eq!(id, expected);
             }
         }
+        assert!(!info.is_closed(), "the client socket is open: {info:?}");
+        // Shut down for sending only, the client still holds it.
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let local = accepted.local_addr().unwrap();
+        assert!(!lookup.lookup(local, peer).unwrap().unwrap().is_closed());
+        // Closed: orphaned (or gone), whichever the kernel has made of it by now.
         drop(client);
+        let after = lookup.lookup(local, peer).unwrap();
+        assert!(after.is_none_or(|i| i.is_closed()), "{after:?}");
         // A peer that never existed: no socket.
         let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(

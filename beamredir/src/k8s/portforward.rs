@@ -52,6 +52,18 @@ const READ_BUFFER: usize = 16 * 1024;
 const MAX_INCOMING: usize = 1 << 20;
 /// How long the pod may stay silent after the local side finished sending.
 pub const LINGER_AFTER_LOCAL_EOF: Duration = Duration::from_secs(60);
+/// While lingering, how often to ask whether the local side has closed its socket altogether
+/// (then nobody can read the pod's answer, and the relay ends at once): at EOF, shortly after
+/// (the closing process may not have let go of its socket yet), then every second.
+const CLOSED_CHECKS: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(20),
+    Duration::from_millis(200),
+];
+const CLOSED_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Tells whether the local side has closed its socket (not just shut down its sending side).
+pub type LocalClosed = Arc<dyn Fn() -> bool + Send + Sync>;
 /// A ping this often, and the connection is dead after this much silence (no data, no pong).
 const PING_EVERY: Duration = Duration::from_secs(20);
 const DEAD_AFTER: Duration = Duration::from_secs(50);
@@ -197,6 +209,24 @@ pub async fn relay_inspected<S, I: Inspector>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    relay_with(conn, local, port, stats, inspector, None).await
+}
+
+/// [`relay_inspected`]; after a local EOF, `local_closed` (if given) tells a local side that
+/// closed its socket from one that only half-closed and still waits for the pod's answer: the
+/// relay then ends at once instead of lingering (with the v4 protocol the pod never learns of
+/// the EOF, so a pod that waits for it would hold the connection for the whole linger).
+pub async fn relay_with<S, I: Inspector>(
+    conn: Connection,
+    local: S,
+    port: u16,
+    stats: Arc<ConnStats>,
+    inspector: I,
+    local_closed: Option<LocalClosed>,
+) -> Result<Ended, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let can_half_close = conn.supports_stream_close();
     // kube opens the WebSocket with tungstenite's default 128 KiB read buffer (zeroed on every
     // read) and 64 MiB message limit. Nothing has been read yet (kube only wraps the upgraded
@@ -279,6 +309,9 @@ where
     tokio::pin!(linger);
     let dead = tokio::time::sleep(DEAD_AFTER);
     tokio::pin!(dead);
+    let closed_check = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(closed_check);
+    let mut closed_checks = 0;
     loop {
         let msg = tokio::select! {
             msg = stream.next() => match msg {
@@ -287,10 +320,21 @@ where
             },
             _ = local_eof.notified(), if !lingering => {
                 lingering = true;
-                linger.as_mut().reset(tokio::time::Instant::now() + LINGER_AFTER_LOCAL_EOF);
+                let now = tokio::time::Instant::now();
+                linger.as_mut().reset(now + LINGER_AFTER_LOCAL_EOF);
+                closed_check.as_mut().reset(now + CLOSED_CHECKS[0]);
                 continue;
             }
             _ = &mut linger, if lingering => break,
+            _ = &mut closed_check, if lingering && local_closed.is_some() => {
+                if local_closed.as_ref().is_some_and(|closed| closed()) {
+                    break;
+                }
+                closed_checks += 1;
+                let next = CLOSED_CHECKS.get(closed_checks).copied().unwrap_or(CLOSED_CHECK_EVERY);
+                closed_check.as_mut().reset(tokio::time::Instant::now() + next);
+                continue;
+            }
             _ = &mut dead => {
                 result = Err(format!("no data and no pong from the API server for {DEAD_AFTER:?}: the connection is dead"));
                 break;

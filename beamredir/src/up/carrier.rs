@@ -1,7 +1,8 @@
 //! What happens to one admitted local connection: a port-forward to its pod port through the
 //! API server (given up early if the local side closes while the upgrade is pending), then the
-//! relay. The epmd forward also watches the epmd conversation to learn distribution ports
-//! before their answers reach the local node (see [`crate::erlang::epmd`]).
+//! relay (ended as soon as the local side has closed its socket, see
+//! [`portforward::relay_with`]). The epmd forward also watches the epmd conversation to learn
+//! distribution ports before their answers reach the local node (see [`crate::erlang::epmd`]).
 use std::{
     collections::BTreeSet,
     sync::{Arc, Mutex, Weak},
@@ -13,15 +14,24 @@ use super::Up;
 use crate::{
     erlang::epmd::{EpmdConversation, Event},
     forward::{Carrier, registry::FamilyKey},
-    k8s::portforward::{self, Ended, Inspector},
+    k8s::portforward::{self, Ended, Inspector, LocalClosed, NoInspection},
 };
 
 /// Opens a port-forward per accepted connection and relays it.
 pub fn carrier(up: &Arc<Up>, pod: &str, port: u16, is_epmd: bool) -> Carrier {
     let (weak, cluster, pod) = (Arc::downgrade(up), up.cluster.clone(), pod.to_string());
     let timeout = up.config.limits.upgrade_timeout();
+    let gate = up.registry.gate().clone();
     Arc::new(move |conn, stats| {
         let (weak, cluster, pod) = (weak.clone(), cluster.clone(), pod.clone());
+        // After a local EOF: has the local process closed its socket, or only half-closed it?
+        let closed_probe: Option<LocalClosed> = match (conn.local_addr(), conn.peer_addr()) {
+            (Ok(local), Ok(peer)) => {
+                let gate = gate.clone();
+                Some(Arc::new(move || gate.peer_closed(local, peer)))
+            }
+            _ => None,
+        };
         Box::pin(async move {
             if !is_epmd {
                 // A local node dialling a distribution port has booted, so it has read its
@@ -42,9 +52,9 @@ pub fn carrier(up: &Arc<Up>, pod: &str, port: u16, is_epmd: bool) -> Carrier {
                     up: weak,
                     pod: pod.clone(),
                 };
-                portforward::relay_inspected(ws, conn, port, stats, watcher).await
+                portforward::relay_with(ws, conn, port, stats, watcher, closed_probe).await
             } else {
-                portforward::relay(ws, conn, port, stats).await
+                portforward::relay_with(ws, conn, port, stats, NoInspection, closed_probe).await
             };
             match ended {
                 Ok(Ended::Closed) => Ok(()),

@@ -369,6 +369,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
     up.publisher.publish().await;
     let mut tasks = watch::follow(&up, selector.as_deref());
     tasks.push(tokio::spawn(expire_aliases(up.clone())));
+    tasks.push(tokio::spawn(release_after_bursts(up.registry.gate().clone())));
     up.background.lock().unwrap().extend(tasks);
     Ok(up)
 }
@@ -388,6 +389,38 @@ async fn expire_aliases(up: Arc<Up>) {
         }
     }
 }
+
+/// A burst of connections this much larger than what is carried now has ended: see
+/// [`release_after_bursts`].
+const BURST: u64 = 64;
+
+/// Gives the memory of ended connection bursts back to the system. Each carried connection
+/// holds a few hundred KiB of buffers (TLS, WebSocket, frames); once a burst of them has ended
+/// the allocator keeps most of those pages (glibc returns only the top of each arena), so a
+/// session that once carried a thousand connections would stay a few hundred MiB large.
+/// `malloc_trim` returns every free page of every arena; it costs milliseconds and runs only
+/// when at least [`BURST`] connections fewer are carried than at the peak since the last look.
+async fn release_after_bursts(gate: Arc<Gate>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let (active, peak) = gate.take_peak();
+        if peak >= active + BURST {
+            release_free_memory();
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
 
 /// Answers the root part until it says stop or goes away.
 async fn serve(up: Arc<Up>, root: &Root, mut from_root: FromRoot<NetConfig>) -> i32 {

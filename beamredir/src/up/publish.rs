@@ -40,11 +40,12 @@ impl Publisher {
     /// What root should hold now.
     pub fn desired(&self) -> (Vec<RedirectSpec>, Vec<HostEntry>) {
         let table = self.table.lock().unwrap();
+        let now = Instant::now();
         let redirects = table.redirects(
             |pod, port, family| self.registry.listener(pod, port, family),
-            Instant::now(),
+            now,
         );
-        (redirects, table.hosts(&self.cluster_domain))
+        (redirects, table.hosts(&self.cluster_domain, now))
     }
 
     /// The session started with `initial`: from now on, changes are published.

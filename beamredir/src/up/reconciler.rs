@@ -284,5 +284,5 @@ fn take_down(up: &Up, name: &str, why: String) {
             up.cluster.namespace
         );
     }
-    table.set_down(name, why);
+    table.set_down(name, why, Instant::now());
 }

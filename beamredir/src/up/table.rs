@@ -22,6 +22,13 @@ use crate::{
 /// resolve the pod's name to the old address keep reaching it meanwhile.
 pub const ALIAS_TTL: Duration = Duration::from_secs(30);
 
+/// How long a pod that went down keeps its host names, at its last address (which is not
+/// redirected meanwhile, so connections to it fail at once as before). A running node that
+/// re-reads the hosts file during a restart then still resolves the name to that address,
+/// which the alias takes to the new incarnation as soon as it is up, instead of finding no
+/// name and waiting for its next re-read (up to about 5 s) to learn the new address.
+pub const NAME_HOLD: Duration = ALIAS_TTL;
+
 #[derive(Clone, Debug, Default)]
 pub struct PodEntry {
     /// Set while the pod is Running with an IP.
@@ -34,6 +41,9 @@ pub struct PodEntry {
     pub aliases: Vec<(IpAddr, Instant)>,
     /// The IPs of the last incarnation that was up (kept while the pod is gone).
     pub last_ips: Vec<IpAddr>,
+    /// While the pod is down: its last incarnation, whose names stay until the instant given
+    /// (see [`NAME_HOLD`]).
+    pub held_names: Option<(PodTarget, Instant)>,
     /// Exact node names on the pod (from the node itself where it was asked).
     pub nodes: Vec<String>,
     /// The Erlang nodes behind the distribution ports, as discovered.
@@ -92,6 +102,7 @@ impl PodTable {
             entry.aliases.push((ip, now + ALIAS_TTL));
         }
         entry.aliases.retain(|(a, _)| !target.ips.contains(a));
+        entry.held_names = None;
         entry.last_ips = target.ips.clone();
         entry.ports = ports;
         entry.nodes = nodes;
@@ -99,23 +110,42 @@ impl PodTable {
         entry.target = Some(target);
     }
 
-    /// The pod is not reachable now (deleted, not running): no redirects, no aliases.
-    pub fn set_down(&mut self, name: &str, state: String) {
+    /// The pod is not reachable now (deleted, not running): no redirects, no aliases; its
+    /// names stay a while at its last address ([`NAME_HOLD`]).
+    pub fn set_down(&mut self, name: &str, state: String, now: Instant) {
         let entry = self.entry(name);
-        entry.target = None;
+        if let Some(t) = entry.target.take() {
+            entry.held_names = Some((t, now + NAME_HOLD));
+        }
         entry.aliases.clear();
         entry.state = state;
     }
 
-    /// Drops aliases whose time is up; true if any went.
+    /// Drops aliases and held names whose time is up; true if any went.
     pub fn expire_aliases(&mut self, now: Instant) -> bool {
         let mut changed = false;
         for e in self.pods.values_mut() {
             let before = e.aliases.len();
             e.aliases.retain(|(_, until)| *until > now);
             changed |= e.aliases.len() != before;
+            if e.held_names
+                .as_ref()
+                .is_some_and(|(_, until)| *until <= now)
+            {
+                e.held_names = None;
+                changed = true;
+            }
         }
         changed
+    }
+
+    /// The IPs of the pods that are up.
+    fn claimed(&self) -> BTreeSet<IpAddr> {
+        self.pods
+            .values()
+            .filter_map(|e| e.target.as_ref())
+            .flat_map(|t| t.ips.iter().copied())
+            .collect()
     }
 
     /// The redirects the kernel should hold: every port of every pod that is up, at each of its
@@ -126,12 +156,7 @@ impl PodTable {
         listener: impl Fn(&str, u16, FamilyKey) -> Option<ListenerId>,
         now: Instant,
     ) -> Vec<RedirectSpec> {
-        let claimed: BTreeSet<IpAddr> = self
-            .pods
-            .values()
-            .filter_map(|e| e.target.as_ref())
-            .flat_map(|t| t.ips.iter().copied())
-            .collect();
+        let claimed = self.claimed();
         let mut current = Vec::new();
         let mut aliased = Vec::new();
         let mut seen = BTreeSet::new();
@@ -164,11 +189,21 @@ impl PodTable {
         current
     }
 
-    /// The host names of every pod that is up.
-    pub fn hosts(&self, cluster_domain: &str) -> Vec<HostEntry> {
+    /// The host names of every pod that is up, and for a while those of pods that went down
+    /// (at their last address, unless a pod that is up has it now).
+    pub fn hosts(&self, cluster_domain: &str, now: Instant) -> Vec<HostEntry> {
+        let claimed = self.claimed();
         self.pods
             .values()
-            .filter_map(|e| e.target.as_ref())
+            .filter_map(|e| match (&e.target, &e.held_names) {
+                (Some(t), _) => Some(t),
+                (None, Some((t, until)))
+                    if *until > now && !t.ips.iter().any(|ip| claimed.contains(ip)) =>
+                {
+                    Some(t)
+                }
+                _ => None,
+            })
             .flat_map(|t| host_entries(t, cluster_domain))
             .collect()
     }
@@ -257,7 +292,7 @@ mod tests {
             now,
         );
         // app-0 moves to .7: the old address keeps redirecting to its forwards, after the new.
-        t.set_down("app-0", "deleted".into());
+        t.set_down("app-0", "deleted".into(), now);
         t.set_up(
             "app-0",
             target("app-0", &["10.0.0.7"]),
@@ -340,28 +375,84 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].listener, 159);
         assert_eq!(r[1].listener, 109);
-        assert_eq!(t.hosts("cluster.local").len(), 2);
+        assert_eq!(t.hosts("cluster.local", Instant::now()).len(), 2);
     }
 
     #[test]
-    fn a_pod_that_is_down_has_no_redirects_and_no_names() {
+    fn a_pod_that_is_down_has_no_redirects_and_its_names_only_for_a_while() {
+        let now = Instant::now();
         let mut t = PodTable::default();
         t.set_up(
             "app-0",
             target("app-0", &["10.0.0.5"]),
             [4369].into(),
             vec![],
-            Instant::now(),
+            now,
         );
         t.set_down(
             "app-0",
             "not running: its phase is Failed, not Running".into(),
+            now,
         );
-        assert!(t.redirects(listeners, Instant::now()).is_empty());
-        assert!(t.hosts("cluster.local").is_empty());
+        assert!(t.redirects(listeners, now).is_empty());
         assert_eq!(
             t.infos("default", Instant::now())[0].state,
             "not running: its phase is Failed, not Running"
         );
+        // Its names stay at its last address (not redirected) for a while, then go.
+        let ips = |t: &PodTable, at| -> Vec<String> {
+            t.hosts("cluster.local", at)
+                .iter()
+                .map(|h| h.ip.to_string())
+                .collect()
+        };
+        assert!(!ips(&t, now).is_empty());
+        assert!(ips(&t, now).iter().all(|ip| ip == "10.0.0.5"));
+        // A second report of the same outage does not extend the hold.
+        t.set_down("app-0", "deleted".into(), now + Duration::from_secs(20));
+        let later = now + NAME_HOLD + Duration::from_secs(1);
+        assert!(ips(&t, later).is_empty());
+        assert!(t.expire_aliases(later));
+        assert!(ips(&t, now).is_empty());
+        // Held names yield to a pod that is up at that address.
+        t.set_up(
+            "app-1",
+            target("app-1", &["10.0.0.9"]),
+            [4369].into(),
+            vec![],
+            now,
+        );
+        t.set_down("app-1", "deleted".into(), now);
+        assert!(!ips(&t, now).is_empty());
+        t.set_up(
+            "app-2",
+            target("app-2", &["10.0.0.9"]),
+            [4369].into(),
+            vec![],
+            now,
+        );
+        let hosts = t.hosts("cluster.local", now);
+        assert!(
+            hosts
+                .iter()
+                .all(|h| !h.names.iter().any(|n| n.starts_with("app-1"))),
+            "{hosts:?}"
+        );
+        // Back up at a new address: its names follow it at once.
+        t.set_up(
+            "app-1",
+            target("app-1", &["10.0.0.10"]),
+            [4369].into(),
+            vec![],
+            now,
+        );
+        let hosts = t.hosts("cluster.local", now);
+        assert!(
+            hosts
+                .iter()
+                .filter(|h| h.names.iter().any(|n| n.starts_with("app-1")))
+                .all(|h| h.ip.to_string() == "10.0.0.10")
+        );
+        assert_eq!(t.infos("default", now)[0].state, "deleted");
     }
 }
