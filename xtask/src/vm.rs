@@ -44,7 +44,7 @@ pub const GUEST_TESTS: &[(&str, bool, &[&str])] = &[
         true,
         &[
             "session_redirects_its_own_processes_counts_them_and_nobody_else",
-            "sigkill_detaches_the_programs_and_the_next_run_cleans_the_stale_cgroup",
+            "sigkill_detaches_the_programs_and_the_reaper_removes_the_rest",
             "verbose_logs_each_rewrite_from_the_kernel_and_quiet_logs_none",
         ],
     ),
@@ -53,6 +53,8 @@ pub const GUEST_TESTS: &[(&str, bool, &[&str])] = &[
         false,
         &["local_node_pings_and_rpcs_the_pod_node_while_local_epmd_keeps_working", "works_under_ip_netns_exec_where_no_cgroup2_is_mounted"],
     ),
+    ("ipv6", false, &["dual_stack_pods_are_reached_over_both_families_and_getpeername_reports_the_pod"]),
+    ("real", false, &["a_session_process_in_another_netns_is_not_redirected"]),
     ("doctor", true, &["doctor_passes_and_names_every_feature"]),
 ];
 

@@ -166,7 +166,13 @@ pub fn load_options(verbose: u8, max_redirects: u32) -> LoadOptions {
         log_rewrites: verbose > 0,
         max_redirects,
         // Only the session's network namespace is translated (0 where the kernel cannot say).
-        netns_cookie: beamredir::kernel::redirect::netns_cookie().unwrap_or(0),
+        netns_cookie: beamredir::kernel::redirect::netns_cookie().unwrap_or_else(|| {
+            log::warn!(
+                "this kernel cannot name network namespaces (SO_NETNS_COOKIE, Linux 5.14): a session process \
+                 that enters another network namespace is redirected there too"
+            );
+            0
+        }),
     }
 }
 
