@@ -61,8 +61,9 @@ pub const GUEST_TESTS: &[(&str, bool, &[&str])] = &[
 /// Modules the guest needs from the kernel package (their dependencies come along): virtio,
 /// 9p and overlayfs for the file systems; the sock_diag handlers (a normal system loads them on
 /// demand through modprobe, which the guest has no module tree for) for doctor's
-/// INET_DIAG_CGROUP_ID probe and `ss`.
-const MODULES: [&str; 7] = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "tcp_diag", "udp_diag", "unix_diag"];
+/// INET_DIAG_CGROUP_ID probe and `ss`; veth and bridge for the simulated cluster's pod network.
+const MODULES: [&str; 9] =
+    ["virtio_pci", "9pnet_virtio", "9p", "overlay", "tcp_diag", "udp_diag", "unix_diag", "veth", "bridge"];
 
 /// Whole-run limit: boot, tests and power-off. Under TCG the subset takes a few minutes.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
