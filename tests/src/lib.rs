@@ -28,6 +28,7 @@ use std::{
 
 pub mod cluster;
 pub mod demo;
+pub mod procfs;
 pub mod recipe;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -57,6 +58,11 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(out)
+}
+
+/// What a command printed, stdout then stderr, as text (for assertion messages).
+pub fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// The beamredir binary under test: $BEAMREDIR_BIN, else the workspace's debug build.

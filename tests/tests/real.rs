@@ -10,7 +10,7 @@ use std::{
     io::ErrorKind,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -22,21 +22,13 @@ use anyhow::{Context, Result, bail, ensure};
 use beamredir_testbed::{
     Graceful, Interactive, Netns, TempDir, beamredir_bin, bpftool_cgroup_programs, cgroup2_root,
     cluster::{ApiAccess, EXAMPLE_MANIFEST, HistoryWindow, IpAllocation, IpFamily, SimCluster},
-    run, unique, unique_pod_ip, wait_until,
+    run, text, unique, unique_pod_ip, wait_until,
 };
 use serde_json::{Value, json};
 
 const COOKIE: &str = "secret";
 const RBAC_EXAMPLE: &str = include_str!("../../docs/examples/rbac.yaml");
 const SECRET_MANIFEST: &str = include_str!("../manifests/secret-cookie.yaml");
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn status_of(cluster: &SimCluster, state: &TempDir, session: &str) -> Option<Value> {
     cluster.session_status(state.path(), session)

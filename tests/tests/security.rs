@@ -20,7 +20,7 @@ use anyhow::{Context, Result, ensure};
 use beamredir_testbed::{
     Graceful, Interactive, Netns, Proc, TempDir, beamredir_bin, cgroup2_root,
     cluster::{EXAMPLE_MANIFEST, SimCluster},
-    require_root, run, unique, wait_until,
+    require_root, run, text, unique, wait_until,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -129,14 +129,6 @@ fn start_up(
             .is_some_and(|s| s["state"] == "running")
     })?;
     Ok(proc)
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,20 +18,12 @@ use beamredir::session::{
 use beamredir_testbed::{
     Graceful, TempDir, TestBed, beamredir_bin,
     cluster::{EXAMPLE_MANIFEST, SimCluster},
-    run, unique,
+    run, text, unique,
 };
 
 const SCHEMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/status.schema.json");
 const SCHEMA_DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/status-schema.md");
 const VALIDATOR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/validate_status.py");
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn stdout_of(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8(run(cmd)?.stdout)?)
