@@ -235,6 +235,12 @@ impl Drop for TempDir {
 pub const COOKIE: &str = "beamredir-test-cookie";
 pub const EPMD_PORT: u16 = 4369;
 
+/// `erl` flags for a hidden local node `name` that runs `script` with no shell: it calls the
+/// pod's nodes without joining their cluster, and ends when the script halts.
+pub fn hidden_node_args<'a>(name: &'a str, cookie: &'a str, script: &'a str) -> [&'a str; 8] {
+    ["-name", name, "-setcookie", cookie, "-hidden", "-noshell", "-eval", script]
+}
+
 /// What the pod's node runs: plain Erlang, or Elixir (needed on the far side of `iex --remsh`).
 #[derive(Clone, Copy, Debug)]
 pub enum PodRuntime {

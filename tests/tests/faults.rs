@@ -20,6 +20,7 @@ use anyhow::{Context, Result, bail, ensure};
 use beamredir_testbed::{
     Graceful, Interactive, TempDir, bpftool_cgroup_programs,
     cluster::{Hang, SimCluster},
+    hidden_node_args,
     procfs::{fd_count, network_part_of, status_kib},
     unique, wait_until,
 };
@@ -897,16 +898,11 @@ fn rolling_restart_of_five_pods_under_rpc_load_recovers_each_and_spares_the_othe
          io:get_line(\"\"), io:format(\"stopped~n\"), halt().",
         nodes.join(",")
     );
-    let mut caller = Interactive::spawn(s.exec("erl").args([
-        "-name",
+    let mut caller = Interactive::spawn(s.exec("erl").args(hidden_node_args(
         "debug@127.0.0.1",
-        "-setcookie",
         COOKIE,
-        "-hidden",
-        "-noshell",
-        "-eval",
         &script,
-    ]))?;
+    )))?;
     // Every pod answers before the restarts begin.
     wait_until("every pod answering", Duration::from_secs(60), || {
         (0..5).all(|i| {

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail, ensure};
 use beamredir_testbed::{
     Graceful, Interactive, Netns, TempDir, beamredir_bin, bpftool_cgroup_programs, cgroup2_root,
     cluster::{ApiAccess, EXAMPLE_MANIFEST, HistoryWindow, IpAllocation, IpFamily, SimCluster},
-    run, text, unique, unique_pod_ip, wait_until,
+    hidden_node_args, run, text, unique, unique_pod_ip, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -305,18 +305,12 @@ fn least_privilege_roles_work_and_each_missing_verb_is_named_with_its_rule() -> 
                 .beamredir(state.path())
                 .args(["up", "--kubeconfig", dev_kc, "--session", &unique("rbac")])
                 .args(source)
-                .args([
-                    "--",
-                    "erl",
-                    "-name",
+                .args(["--", "erl"])
+                .args(hidden_node_args(
                     "debug@127.0.0.1",
-                    "-setcookie",
                     cookie,
-                    "-hidden",
-                    "-noshell",
-                    "-eval",
                     &ping_and_rpc(std::slice::from_ref(&node)),
-                ])
+                ))
                 .env("HOME", state.path())
                 .stdin(Stdio::null())
                 .output()?;
@@ -518,21 +512,8 @@ fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirect
     let local = Interactive::spawn(
         cluster
             .beamredir(state.path())
-            .args([
-                "exec",
-                "--session",
-                &session,
-                "--",
-                "erl",
-                "-name",
-                "debug@127.0.0.1",
-                "-setcookie",
-                COOKIE,
-                "-hidden",
-                "-noshell",
-                "-eval",
-                &script,
-            ])
+            .args(["exec", "--session", &session, "--", "erl"])
+            .args(hidden_node_args("debug@127.0.0.1", COOKIE, &script))
             .env("HOME", state.path()),
     )?;
     local.expect("connected", Duration::from_secs(30))?;
@@ -726,15 +707,12 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
                 &unique("proxy"),
                 "--",
                 "erl",
-                "-name",
-                "debug@127.0.0.1",
-                "-setcookie",
-                COOKIE,
-                "-hidden",
-                "-noshell",
-                "-eval",
-                &ping_and_rpc(std::slice::from_ref(&node)),
             ])
+            .args(hidden_node_args(
+                "debug@127.0.0.1",
+                COOKIE,
+                &ping_and_rpc(std::slice::from_ref(&node)),
+            ))
             .env("HOME", state.path())
             .stdin(Stdio::null())
             .output()?;
@@ -1601,17 +1579,8 @@ fn a_node_that_still_has_the_old_address_of_a_moved_pod_reaches_it() -> Result<(
             "env",
             &format!("ERL_INETRC={}", inetrc.display()),
         ])
-        .args([
-            "erl",
-            "-name",
-            "debug@127.0.0.1",
-            "-setcookie",
-            COOKIE,
-            "-hidden",
-            "-noshell",
-            "-eval",
-            &script,
-        ])
+        .arg("erl")
+        .args(hidden_node_args("debug@127.0.0.1", COOKIE, &script))
         .env("HOME", state.path())
         .stdin(Stdio::null())
         .output()?;

@@ -25,6 +25,7 @@ use anyhow::{Context, Result, bail, ensure};
 use beamredir_testbed::{
     TempDir,
     cluster::SimCluster,
+    hidden_node_args,
     procfs::{fd_count, network_part_of, status_kib},
     unique,
 };
@@ -252,16 +253,11 @@ pub fn run(args: SoakArgs, beamredir: &Path, load: &Path) -> Result<()> {
          {{Ok, Fail}} = Loop(1, 0, 0), io:format(\"rpc ok=~p fail=~p~n\", [Ok, Fail]), halt().",
         ms = duration.as_millis()
     );
-    let mut rpc = Lines::spawn(exec(Path::new("erl")).args([
-        "-name",
+    let mut rpc = Lines::spawn(exec(Path::new("erl")).args(hidden_node_args(
         "soak@127.0.0.1",
-        "-setcookie",
         COOKIE,
-        "-hidden",
-        "-noshell",
-        "-eval",
         &script,
-    ]))?;
+    )))?;
 
     let every = if duration >= Duration::from_secs(300) {
         Duration::from_secs(10)
