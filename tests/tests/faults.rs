@@ -153,6 +153,17 @@ impl<'a> Session<'a> {
         })
     }
 
+    /// A session for pod app-0 of ECHO_MANIFEST that forwards its echo port too (`EXTRA` after
+    /// that), once the echo port's redirect is in place; returns it and the echo's IP:PORT.
+    fn echo(cluster: &'a SimCluster, extra: &[&str]) -> Result<(Self, String)> {
+        let port = ECHO_PORT.to_string();
+        let args = [&["--pod", "app-0", "--dist-port", &port][..], extra].concat();
+        let s = Session::start(cluster, &args)?;
+        let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
+        s.wait_redirect(&addr, Duration::from_secs(30))?;
+        Ok((s, addr))
+    }
+
     fn pid(&self) -> u32 {
         self.up.0.id()
     }
@@ -270,12 +281,7 @@ fn wait_fds_back(net: u32, baseline: usize, slack: usize, timeout: Duration) -> 
 fn load_1000_concurrent_64k_echoes_lose_nothing_and_fds_and_rss_come_back() -> Result<()> {
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
-    let s = Session::start(
-        &cluster,
-        &["--pod", "app-0", "--dist-port", &ECHO_PORT.to_string()],
-    )?;
-    let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
-    s.wait_redirect(&addr, Duration::from_secs(30))?;
+    let (s, addr) = Session::echo(&cluster, &[])?;
     let net = s.net_pid()?;
     // Warm-up (lazily built state: TLS, the connection pool), then the baseline.
     let warm = s.load(
@@ -355,19 +361,7 @@ fn load_2000_connections_against_a_cap_of_512_wait_or_are_refused_and_status_kee
 -> Result<()> {
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
-    let s = Session::start(
-        &cluster,
-        &[
-            "--pod",
-            "app-0",
-            "--dist-port",
-            &ECHO_PORT.to_string(),
-            "--max-connections",
-            "512",
-        ],
-    )?;
-    let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
-    s.wait_redirect(&addr, Duration::from_secs(30))?;
+    let (s, addr) = Session::echo(&cluster, &["--max-connections", "512"])?;
 
     // `status` asked over and over during the load, each answer within 10 s.
     let stop = Arc::new(AtomicBool::new(false));
@@ -504,19 +498,7 @@ fn load_2000_connections_against_a_cap_of_512_wait_or_are_refused_and_status_kee
 fn hung_api_server_each_upgrade_times_out_with_one_line_and_nothing_leaks() -> Result<()> {
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
-    let s = Session::start(
-        &cluster,
-        &[
-            "--pod",
-            "app-0",
-            "--dist-port",
-            &ECHO_PORT.to_string(),
-            "--upgrade-timeout",
-            "2s",
-        ],
-    )?;
-    let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
-    s.wait_redirect(&addr, Duration::from_secs(30))?;
+    let (s, addr) = Session::echo(&cluster, &["--upgrade-timeout", "2s"])?;
     let net = s.net_pid()?;
     let warm = s.load(
         &["burst", "--addr", &addr, "--conns", "5", "--bytes", "1024"],
@@ -624,12 +606,7 @@ fn hung_api_server_each_upgrade_times_out_with_one_line_and_nothing_leaks() -> R
 fn blackholed_api_server_relays_end_within_90s_and_the_session_recovers() -> Result<()> {
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
-    let s = Session::start(
-        &cluster,
-        &["--pod", "app-0", "--dist-port", &ECHO_PORT.to_string()],
-    )?;
-    let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
-    s.wait_redirect(&addr, Duration::from_secs(30))?;
+    let (s, addr) = Session::echo(&cluster, &[])?;
     let net = s.net_pid()?;
     let (fds0, _) = s.settled_baseline()?;
 
@@ -1076,18 +1053,13 @@ fn signals_under_load_leave_nothing_attached_and_nothing_behind() -> Result<()> 
     use nix::sys::signal::Signal::{SIGHUP, SIGKILL, SIGTERM};
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
-    let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
     for kill in [
         Kill::Root(SIGTERM),
         Kill::Root(SIGHUP),
         Kill::Root(SIGKILL),
         Kill::NetworkPart,
     ] {
-        let mut s = Session::start(
-            &cluster,
-            &["--pod", "app-0", "--dist-port", &ECHO_PORT.to_string()],
-        )?;
-        s.wait_redirect(&addr, Duration::from_secs(30))?;
+        let (mut s, addr) = Session::echo(&cluster, &[])?;
         let (pid, net) = (s.pid(), s.net_pid()?);
         let cgroup = PathBuf::from(
             s.status().context("status")?["cgroup_path"]
