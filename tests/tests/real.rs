@@ -121,6 +121,20 @@ fn ping_and_rpc(nodes: &[String]) -> String {
     )
 }
 
+/// A hidden local node in the session (`flags` name it) pings each of `nodes` and calls
+/// `erlang:node()` there over rpc: every ping answers pong, every call the node's own name.
+fn expect_reached(
+    cluster: &SimCluster,
+    state: &TempDir,
+    session: &str,
+    flags: &[&str],
+    nodes: &[String],
+) -> Result<()> {
+    let out = erl_in_session(cluster, state, session, flags, &ping_and_rpc(nodes))?;
+    expect_pongs(&out, nodes);
+    Ok(())
+}
+
 fn expect_pongs(out: &str, nodes: &[String]) {
     let pongs = vec!["pong"; nodes.len()].join(",");
     let names = nodes
@@ -653,14 +667,13 @@ fn epmd_less_nodes_are_reached_with_the_flags_the_banner_prints() -> Result<()> 
 
     let mut erl_flags = vec!["-name", "debug@127.0.0.1"];
     erl_flags.extend(flags);
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &erl_flags,
-        &ping_and_rpc(std::slice::from_ref(&node)),
+        std::slice::from_ref(&node),
     )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
 
@@ -996,14 +1009,13 @@ spec:
         );
     }
     let node = "app@app-0.app.default.svc.cluster.local".to_string();
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(std::slice::from_ref(&node)),
+        std::slice::from_ref(&node),
     )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
     // IPv6 still reaches the pod: NAMES to its epmd at [v6]:4369.
     let names = "import socket,sys; s=socket.create_connection((sys.argv[1], 4369), timeout=10); s.sendall(b'\\x00\\x01n'); d=b''\nwhile True:\n  c=s.recv(4096)\n  if not c: break\n  d+=c\nprint(d[4:].decode())";
     let out = run(cluster.beamredir(state.path()).args([
@@ -1064,14 +1076,13 @@ fn sname_cluster_is_reached_by_short_host_names() -> Result<()> {
         "{banner}"
     );
     let nodes: Vec<String> = (0..3).map(|i| format!("app@app-{i}")).collect();
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &["-sname", "debug"],
-        &ping_and_rpc(&nodes),
+        &nodes,
     )?;
-    expect_pongs(&out, &nodes);
     Ok(())
 }
 
@@ -1100,14 +1111,13 @@ fn pod_a_record_cluster_is_reached_by_its_dashed_names() -> Result<()> {
             )
         })
         .collect();
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(&nodes),
+        &nodes,
     )?;
-    expect_pongs(&out, &nodes);
     Ok(())
 }
 
@@ -1143,14 +1153,13 @@ fn the_erlang_container_is_found_behind_a_sidecar() -> Result<()> {
         )),
         "{banner}"
     );
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(std::slice::from_ref(&node)),
+        std::slice::from_ref(&node),
     )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
 
@@ -1211,6 +1220,18 @@ fn dist_port(cluster: &SimCluster, pod: &str) -> Result<u16> {
     t.lines()
         .find_map(|l| l.strip_prefix("name app at port ")?.trim().parse().ok())
         .with_context(|| t.clone())
+}
+
+/// app-0 and app-1 as they are now, for [`converged`]: each at its address, with epmd and the
+/// dist port its epmd gives.
+fn both_as_they_are(cluster: &SimCluster) -> Result<Vec<(&'static str, IpAddr, BTreeSet<u16>)>> {
+    ["app-0", "app-1"]
+        .into_iter()
+        .map(|pod| {
+            let ip = IpAddr::V4(cluster.pod_ip(pod).unwrap());
+            Ok((pod, ip, [4369, dist_port(cluster, pod)?].into()))
+        })
+        .collect()
 }
 
 /// Stops the API server, runs `change` (pods replaced meanwhile), waits until `settled` says the
@@ -1280,24 +1301,7 @@ fn a_pod_replaced_while_the_api_server_was_away_is_followed_after_the_relist() -
     let session = unique("relist");
     let log = state.path().join("up.log");
     let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
-    let status = converged(
-        &cluster,
-        &state,
-        &session,
-        &log,
-        &[
-            (
-                "app-0",
-                IpAddr::V4(cluster.pod_ip("app-0").unwrap()),
-                [4369, dist_port(&cluster, "app-0")?].into(),
-            ),
-            (
-                "app-1",
-                IpAddr::V4(cluster.pod_ip("app-1").unwrap()),
-                [4369, dist_port(&cluster, "app-1")?].into(),
-            ),
-        ],
-    )?;
+    let status = converged(&cluster, &state, &session, &log, &both_as_they_are(&cluster)?)?;
     let old = seen(&cluster, &status, "app-0").context("app-0")?;
     let old_port = dist_port(&cluster, "app-0")?;
 
@@ -1333,14 +1337,13 @@ fn a_pod_replaced_while_the_api_server_was_away_is_followed_after_the_relist() -
         &cluster.audit()[mark..]
     );
     let node = format!("app@{new_ip}");
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(std::slice::from_ref(&node)),
+        std::slice::from_ref(&node),
     )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
 
@@ -1361,24 +1364,7 @@ fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_sessi
     let session = unique("reuse");
     let log = state.path().join("up.log");
     let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
-    let status = converged(
-        &cluster,
-        &state,
-        &session,
-        &log,
-        &[
-            (
-                "app-0",
-                IpAddr::V4(cluster.pod_ip("app-0").unwrap()),
-                [4369, dist_port(&cluster, "app-0")?].into(),
-            ),
-            (
-                "app-1",
-                IpAddr::V4(cluster.pod_ip("app-1").unwrap()),
-                [4369, dist_port(&cluster, "app-1")?].into(),
-            ),
-        ],
-    )?;
+    let status = converged(&cluster, &state, &session, &log, &both_as_they_are(&cluster)?)?;
     let (old0, old1) = (
         seen(&cluster, &status, "app-0").context("app-0")?,
         seen(&cluster, &status, "app-1").context("app-1")?,
@@ -1442,14 +1428,13 @@ fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_sessi
         "each address goes to its new owner's forward: {status:#}"
     );
     let nodes = vec![format!("app@{}", old1.ip), format!("app@{}", old0.ip)];
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(&nodes),
+        &nodes,
     )?;
-    expect_pongs(&out, &nodes);
 
     // (2) Back at its own address.
     let before = seen(&cluster, &status, "app-0").context("app-0")?;
@@ -1479,14 +1464,13 @@ fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_sessi
     }
     let _ = status;
     let node = format!("app@{}", before.ip);
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(std::slice::from_ref(&node)),
+        std::slice::from_ref(&node),
     )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
 
@@ -1758,14 +1742,13 @@ fn many_pods_over_a_slow_link_all_come_up_and_a_silent_pod_delays_none() -> Resu
         "{last:#}"
     );
     let node = format!("app@{}", cluster.pod_ip("ten-9").unwrap());
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(std::slice::from_ref(&node)),
+        std::slice::from_ref(&node),
     )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
 
