@@ -27,6 +27,8 @@ use beamredir_testbed::{
 use serde_json::{Value, json};
 
 const COOKIE: &str = "secret";
+/// The long name of the local node that calls the pods.
+const DEBUG: &[&str] = &["-name", "debug@127.0.0.1"];
 const RBAC_EXAMPLE: &str = include_str!("../../docs/examples/rbac.yaml");
 const SECRET_MANIFEST: &str = include_str!("../manifests/secret-cookie.yaml");
 
@@ -665,7 +667,7 @@ fn epmd_less_nodes_are_reached_with_the_flags_the_banner_prints() -> Result<()> 
         "{status:#}"
     );
 
-    let mut erl_flags = vec!["-name", "debug@127.0.0.1"];
+    let mut erl_flags = DEBUG.to_vec();
     erl_flags.extend(flags);
     expect_reached(
         &cluster,
@@ -1009,13 +1011,7 @@ spec:
         );
     }
     let node = "app@app-0.app.default.svc.cluster.local".to_string();
-    expect_reached(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        std::slice::from_ref(&node),
-    )?;
+    expect_reached(&cluster, &state, &session, DEBUG, std::slice::from_ref(&node))?;
     // IPv6 still reaches the pod: NAMES to its epmd at [v6]:4369.
     let names = "import socket,sys; s=socket.create_connection((sys.argv[1], 4369), timeout=10); s.sendall(b'\\x00\\x01n'); d=b''\nwhile True:\n  c=s.recv(4096)\n  if not c: break\n  d+=c\nprint(d[4:].decode())";
     let out = run(cluster.beamredir(state.path()).args([
@@ -1111,13 +1107,7 @@ fn pod_a_record_cluster_is_reached_by_its_dashed_names() -> Result<()> {
             )
         })
         .collect();
-    expect_reached(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        &nodes,
-    )?;
+    expect_reached(&cluster, &state, &session, DEBUG, &nodes)?;
     Ok(())
 }
 
@@ -1153,13 +1143,7 @@ fn the_erlang_container_is_found_behind_a_sidecar() -> Result<()> {
         )),
         "{banner}"
     );
-    expect_reached(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        std::slice::from_ref(&node),
-    )?;
+    expect_reached(&cluster, &state, &session, DEBUG, std::slice::from_ref(&node))?;
     Ok(())
 }
 
@@ -1337,13 +1321,7 @@ fn a_pod_replaced_while_the_api_server_was_away_is_followed_after_the_relist() -
         &cluster.audit()[mark..]
     );
     let node = format!("app@{new_ip}");
-    expect_reached(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        std::slice::from_ref(&node),
-    )?;
+    expect_reached(&cluster, &state, &session, DEBUG, std::slice::from_ref(&node))?;
     Ok(())
 }
 
@@ -1428,13 +1406,7 @@ fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_sessi
         "each address goes to its new owner's forward: {status:#}"
     );
     let nodes = vec![format!("app@{}", old1.ip), format!("app@{}", old0.ip)];
-    expect_reached(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        &nodes,
-    )?;
+    expect_reached(&cluster, &state, &session, DEBUG, &nodes)?;
 
     // (2) Back at its own address.
     let before = seen(&cluster, &status, "app-0").context("app-0")?;
@@ -1464,13 +1436,7 @@ fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_sessi
     }
     let _ = status;
     let node = format!("app@{}", before.ip);
-    expect_reached(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        std::slice::from_ref(&node),
-    )?;
+    expect_reached(&cluster, &state, &session, DEBUG, std::slice::from_ref(&node))?;
     Ok(())
 }
 
@@ -1742,13 +1708,7 @@ fn many_pods_over_a_slow_link_all_come_up_and_a_silent_pod_delays_none() -> Resu
         "{last:#}"
     );
     let node = format!("app@{}", cluster.pod_ip("ten-9").unwrap());
-    expect_reached(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        std::slice::from_ref(&node),
-    )?;
+    expect_reached(&cluster, &state, &session, DEBUG, std::slice::from_ref(&node))?;
     Ok(())
 }
 

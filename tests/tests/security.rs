@@ -960,7 +960,12 @@ const MAPPING: &str = "10.244.250.9:4369=14369";
 
 /// `down`, `map` and `exec` naming session `name` are each refused with one line that says
 /// `says`.
-fn assert_session_commands_refused(ns: &Netns, state: &Path, name: &str, says: &str) -> Result<()> {
+fn assert_session_commands_refused(
+    ns: &Netns,
+    state: &Path,
+    name: &str,
+    says: &str,
+) -> Result<()> {
     for (what, args) in [
         ("down --session", vec!["down", "--session", name]),
         ("map with its name", vec!["map", "--session", name, MAPPING, "--", "true"]),
