@@ -28,6 +28,7 @@ use std::{
 
 pub mod cluster;
 pub mod demo;
+pub mod procfs;
 pub mod recipe;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -57,6 +58,11 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(out)
+}
+
+/// What a command printed, stdout then stderr, as text (for assertion messages).
+pub fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// The beamredir binary under test: $BEAMREDIR_BIN, else the workspace's debug build.
@@ -228,6 +234,12 @@ impl Drop for TempDir {
 
 pub const COOKIE: &str = "beamredir-test-cookie";
 pub const EPMD_PORT: u16 = 4369;
+
+/// `erl` flags for a hidden local node `name` that runs `script` with no shell: it calls the
+/// pod's nodes without joining their cluster, and ends when the script halts.
+pub fn hidden_node_args<'a>(name: &'a str, cookie: &'a str, script: &'a str) -> [&'a str; 8] {
+    ["-name", name, "-setcookie", cookie, "-hidden", "-noshell", "-eval", script]
+}
 
 /// What the pod's node runs: plain Erlang, or Elixir (needed on the far side of `iex --remsh`).
 #[derive(Clone, Copy, Debug)]

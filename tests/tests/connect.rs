@@ -75,11 +75,12 @@ impl Outcome {
     }
 }
 
-/// `beamredir rpc ARGS` as the admin, or as the user of `kubeconfig`.
-fn rpc(
+/// `beamredir SUBCOMMAND ARGS` as the admin, or as the user of `kubeconfig`, with no terminal.
+fn run_as(
     cluster: &SimCluster,
     state: &Path,
     kubeconfig: Option<&Path>,
+    subcommand: &str,
     args: &[&str],
 ) -> Result<Outcome> {
     let mut cmd = cluster.beamredir(state);
@@ -87,8 +88,18 @@ fn rpc(
         cmd.env("KUBECONFIG", kc);
     }
     Ok(Outcome::of(
-        cmd.arg("rpc").args(args).stdin(Stdio::null()).output()?,
+        cmd.arg(subcommand).args(args).stdin(Stdio::null()).output()?,
     ))
+}
+
+/// `beamredir rpc ARGS` as the admin, or as the user of `kubeconfig`.
+fn rpc(
+    cluster: &SimCluster,
+    state: &Path,
+    kubeconfig: Option<&Path>,
+    args: &[&str],
+) -> Result<Outcome> {
+    run_as(cluster, state, kubeconfig, "rpc", args)
 }
 
 /// `beamredir rpc POD EXPR` that must print a value: its stdout.
@@ -105,13 +116,7 @@ fn remsh_output(
     kubeconfig: Option<&Path>,
     args: &[&str],
 ) -> Result<Outcome> {
-    let mut cmd = cluster.beamredir(state);
-    if let Some(kc) = kubeconfig {
-        cmd.env("KUBECONFIG", kc);
-    }
-    Ok(Outcome::of(
-        cmd.arg("remsh").args(args).stdin(Stdio::null()).output()?,
-    ))
+    run_as(cluster, state, kubeconfig, "remsh", args)
 }
 
 /// `beamredir remsh ARGS` under `script`, which gives the remote shell a terminal (as

@@ -20,6 +20,8 @@ use anyhow::{Context, Result, bail, ensure};
 use beamredir_testbed::{
     Graceful, Interactive, TempDir, bpftool_cgroup_programs,
     cluster::{Hang, SimCluster},
+    hidden_node_args,
+    procfs::{fd_count, network_part_of, status_kib},
     unique, wait_until,
 };
 use serde_json::Value;
@@ -87,50 +89,6 @@ fn last_json(stdout: &str) -> Result<Value> {
 
 // ---- the network part, seen from /proc ----
 
-/// The parent pid of a process.
-fn ppid_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// The `beamredir __network-part` child of a session's root part.
-fn network_part_of(root: u32) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|&pid| {
-            ppid_of(pid) == Some(root)
-                && std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"__network-part"))
-        })
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// A `/proc/PID/status` field in KiB (VmRSS, VmHWM).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
@@ -193,6 +151,17 @@ impl<'a> Session<'a> {
             log,
             state,
         })
+    }
+
+    /// A session for pod app-0 of ECHO_MANIFEST that forwards its echo port too (`EXTRA` after
+    /// that), once the echo port's redirect is in place; returns it and the echo's IP:PORT.
+    fn echo(cluster: &'a SimCluster, extra: &[&str]) -> Result<(Self, String)> {
+        let port = ECHO_PORT.to_string();
+        let args = [&["--pod", "app-0", "--dist-port", &port][..], extra].concat();
+        let s = Session::start(cluster, &args)?;
+        let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
+        s.wait_redirect(&addr, Duration::from_secs(30))?;
+        Ok((s, addr))
     }
 
     fn pid(&self) -> u32 {
@@ -312,12 +281,7 @@ fn wait_fds_back(net: u32, baseline: usize, slack: usize, timeout: Duration) -> 
 fn load_1000_concurrent_64k_echoes_lose_nothing_and_fds_and_rss_come_back() -> Result<()> {
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
-    let s = Session::start(
-        &cluster,
-        &["--pod", "app-0", "--dist-port", &ECHO_PORT.to_string()],
-    )?;
-    let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
-    s.wait_redirect(&addr, Duration::from_secs(30))?;
+    let (s, addr) = Session::echo(&cluster, &[])?;
     let net = s.net_pid()?;
     // Warm-up (lazily built state: TLS, the connection pool), then the baseline.
     let warm = s.load(
@@ -397,19 +361,7 @@ fn load_2000_connections_against_a_cap_of_512_wait_or_are_refused_and_status_kee
 -> Result<()> {
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
-    let s = Session::start(
-        &cluster,
-        &[
-            "--pod",
-            "app-0",
-            "--dist-port",
-            &ECHO_PORT.to_string(),
-            "--max-connections",
-            "512",
-        ],
-    )?;
-    let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
-    s.wait_redirect(&addr, Duration::from_secs(30))?;
+    let (s, addr) = Session::echo(&cluster, &["--max-connections", "512"])?;
 
     // `status` asked over and over during the load, each answer within 10 s.
     let stop = Arc::new(AtomicBool::new(false));
@@ -546,19 +498,7 @@ fn load_2000_connections_against_a_cap_of_512_wait_or_are_refused_and_status_kee
 fn hung_api_server_each_upgrade_times_out_with_one_line_and_nothing_leaks() -> Result<()> {
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
-    let s = Session::start(
-        &cluster,
-        &[
-            "--pod",
-            "app-0",
-            "--dist-port",
-            &ECHO_PORT.to_string(),
-            "--upgrade-timeout",
-            "2s",
-        ],
-    )?;
-    let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
-    s.wait_redirect(&addr, Duration::from_secs(30))?;
+    let (s, addr) = Session::echo(&cluster, &["--upgrade-timeout", "2s"])?;
     let net = s.net_pid()?;
     let warm = s.load(
         &["burst", "--addr", &addr, "--conns", "5", "--bytes", "1024"],
@@ -666,12 +606,7 @@ fn hung_api_server_each_upgrade_times_out_with_one_line_and_nothing_leaks() -> R
 fn blackholed_api_server_relays_end_within_90s_and_the_session_recovers() -> Result<()> {
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
-    let s = Session::start(
-        &cluster,
-        &["--pod", "app-0", "--dist-port", &ECHO_PORT.to_string()],
-    )?;
-    let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
-    s.wait_redirect(&addr, Duration::from_secs(30))?;
+    let (s, addr) = Session::echo(&cluster, &[])?;
     let net = s.net_pid()?;
     let (fds0, _) = s.settled_baseline()?;
 
@@ -940,16 +875,11 @@ fn rolling_restart_of_five_pods_under_rpc_load_recovers_each_and_spares_the_othe
          io:get_line(\"\"), io:format(\"stopped~n\"), halt().",
         nodes.join(",")
     );
-    let mut caller = Interactive::spawn(s.exec("erl").args([
-        "-name",
+    let mut caller = Interactive::spawn(s.exec("erl").args(hidden_node_args(
         "debug@127.0.0.1",
-        "-setcookie",
         COOKIE,
-        "-hidden",
-        "-noshell",
-        "-eval",
         &script,
-    ]))?;
+    )))?;
     // Every pod answers before the restarts begin.
     wait_until("every pod answering", Duration::from_secs(60), || {
         (0..5).all(|i| {
@@ -1123,18 +1053,13 @@ fn signals_under_load_leave_nothing_attached_and_nothing_behind() -> Result<()> 
     use nix::sys::signal::Signal::{SIGHUP, SIGKILL, SIGTERM};
     raise_fd_limit();
     let cluster = SimCluster::start(ECHO_MANIFEST)?;
-    let addr = format!("{}:{ECHO_PORT}", cluster.pod_ip("app-0").context("pod IP")?);
     for kill in [
         Kill::Root(SIGTERM),
         Kill::Root(SIGHUP),
         Kill::Root(SIGKILL),
         Kill::NetworkPart,
     ] {
-        let mut s = Session::start(
-            &cluster,
-            &["--pod", "app-0", "--dist-port", &ECHO_PORT.to_string()],
-        )?;
-        s.wait_redirect(&addr, Duration::from_secs(30))?;
+        let (mut s, addr) = Session::echo(&cluster, &[])?;
         let (pid, net) = (s.pid(), s.net_pid()?);
         let cgroup = PathBuf::from(
             s.status().context("status")?["cgroup_path"]

@@ -11,14 +11,10 @@ use anyhow::{Context, Result};
 use beamredir_testbed::{
     TempDir,
     cluster::{IpFamily, SimCluster},
-    cgroup2_root, bpftool_cgroup_programs, run, unique, wait_until,
+    cgroup2_root, bpftool_cgroup_programs, run, text, unique, wait_until,
 };
 
 const IPV6_MANIFEST: &str = include_str!("../manifests/ipv6-elixir.yaml");
-
-fn text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 /// A local Erlang node over IPv6 (`inet6_tcp`, long names) in an `up` session, running `script`.
 fn inet6_node(script: &str) -> Vec<String> {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use beamredir_testbed::{
     Interactive, TempDir,
     cluster::{EXAMPLE_MANIFEST, SimCluster},
-    run, unique, wait_until,
+    run, text, unique, wait_until,
 };
 
 /// The cookie the example manifest gives its nodes.
@@ -18,10 +18,6 @@ const COOKIE: &str = "secret";
 
 fn erl(script: &str) -> Vec<String> {
     ["erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", script].map(String::from).to_vec()
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 #[test]

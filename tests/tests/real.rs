@@ -10,7 +10,7 @@ use std::{
     io::ErrorKind,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -22,21 +22,15 @@ use anyhow::{Context, Result, bail, ensure};
 use beamredir_testbed::{
     Graceful, Interactive, Netns, TempDir, beamredir_bin, bpftool_cgroup_programs, cgroup2_root,
     cluster::{ApiAccess, EXAMPLE_MANIFEST, HistoryWindow, IpAllocation, IpFamily, SimCluster},
-    run, unique, unique_pod_ip, wait_until,
+    hidden_node_args, run, text, unique, unique_pod_ip, wait_until,
 };
 use serde_json::{Value, json};
 
 const COOKIE: &str = "secret";
+/// The long name of the local node that calls the pods.
+const DEBUG: &[&str] = &["-name", "debug@127.0.0.1"];
 const RBAC_EXAMPLE: &str = include_str!("../../docs/examples/rbac.yaml");
 const SECRET_MANIFEST: &str = include_str!("../manifests/secret-cookie.yaml");
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn status_of(cluster: &SimCluster, state: &TempDir, session: &str) -> Option<Value> {
     cluster.session_status(state.path(), session)
@@ -127,6 +121,20 @@ fn ping_and_rpc(nodes: &[String]) -> String {
         "Ns = [{list}], P = [net_adm:ping(N) || N <- Ns], R = [rpc:call(N, erlang, node, [], 10000) || N <- Ns], \
          io:format(\"ping=~w~nrpc=~w~n\", [P, R]), halt()."
     )
+}
+
+/// A hidden local node in the session (`flags` name it) pings each of `nodes` and calls
+/// `erlang:node()` there over rpc: every ping answers pong, every call the node's own name.
+fn expect_reached(
+    cluster: &SimCluster,
+    state: &TempDir,
+    session: &str,
+    flags: &[&str],
+    nodes: &[String],
+) -> Result<()> {
+    let out = erl_in_session(cluster, state, session, flags, &ping_and_rpc(nodes))?;
+    expect_pongs(&out, nodes);
+    Ok(())
 }
 
 fn expect_pongs(out: &str, nodes: &[String]) {
@@ -313,18 +321,12 @@ fn least_privilege_roles_work_and_each_missing_verb_is_named_with_its_rule() -> 
                 .beamredir(state.path())
                 .args(["up", "--kubeconfig", dev_kc, "--session", &unique("rbac")])
                 .args(source)
-                .args([
-                    "--",
-                    "erl",
-                    "-name",
+                .args(["--", "erl"])
+                .args(hidden_node_args(
                     "debug@127.0.0.1",
-                    "-setcookie",
                     cookie,
-                    "-hidden",
-                    "-noshell",
-                    "-eval",
                     &ping_and_rpc(std::slice::from_ref(&node)),
-                ])
+                ))
                 .env("HOME", state.path())
                 .stdin(Stdio::null())
                 .output()?;
@@ -526,21 +528,8 @@ fn running_but_not_ready_pods_are_reached_and_readiness_flaps_leave_the_redirect
     let local = Interactive::spawn(
         cluster
             .beamredir(state.path())
-            .args([
-                "exec",
-                "--session",
-                &session,
-                "--",
-                "erl",
-                "-name",
-                "debug@127.0.0.1",
-                "-setcookie",
-                COOKIE,
-                "-hidden",
-                "-noshell",
-                "-eval",
-                &script,
-            ])
+            .args(["exec", "--session", &session, "--", "erl"])
+            .args(hidden_node_args("debug@127.0.0.1", COOKIE, &script))
             .env("HOME", state.path()),
     )?;
     local.expect("connected", Duration::from_secs(30))?;
@@ -678,16 +667,15 @@ fn epmd_less_nodes_are_reached_with_the_flags_the_banner_prints() -> Result<()> 
         "{status:#}"
     );
 
-    let mut erl_flags = vec!["-name", "debug@127.0.0.1"];
+    let mut erl_flags = DEBUG.to_vec();
     erl_flags.extend(flags);
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &erl_flags,
-        &ping_and_rpc(std::slice::from_ref(&node)),
+        std::slice::from_ref(&node),
     )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
     Ok(())
 }
 
@@ -734,15 +722,12 @@ fn behind_a_proxy_with_a_credential_plugin_in_the_users_own_bin_under_sudo() -> 
                 &unique("proxy"),
                 "--",
                 "erl",
-                "-name",
-                "debug@127.0.0.1",
-                "-setcookie",
-                COOKIE,
-                "-hidden",
-                "-noshell",
-                "-eval",
-                &ping_and_rpc(std::slice::from_ref(&node)),
             ])
+            .args(hidden_node_args(
+                "debug@127.0.0.1",
+                COOKIE,
+                &ping_and_rpc(std::slice::from_ref(&node)),
+            ))
             .env("HOME", state.path())
             .stdin(Stdio::null())
             .output()?;
@@ -1026,14 +1011,7 @@ spec:
         );
     }
     let node = "app@app-0.app.default.svc.cluster.local".to_string();
-    let out = erl_in_session(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(std::slice::from_ref(&node)),
-    )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
+    expect_reached(&cluster, &state, &session, DEBUG, std::slice::from_ref(&node))?;
     // IPv6 still reaches the pod: NAMES to its epmd at [v6]:4369.
     let names = "import socket,sys; s=socket.create_connection((sys.argv[1], 4369), timeout=10); s.sendall(b'\\x00\\x01n'); d=b''\nwhile True:\n  c=s.recv(4096)\n  if not c: break\n  d+=c\nprint(d[4:].decode())";
     let out = run(cluster.beamredir(state.path()).args([
@@ -1094,14 +1072,13 @@ fn sname_cluster_is_reached_by_short_host_names() -> Result<()> {
         "{banner}"
     );
     let nodes: Vec<String> = (0..3).map(|i| format!("app@app-{i}")).collect();
-    let out = erl_in_session(
+    expect_reached(
         &cluster,
         &state,
         &session,
         &["-sname", "debug"],
-        &ping_and_rpc(&nodes),
+        &nodes,
     )?;
-    expect_pongs(&out, &nodes);
     Ok(())
 }
 
@@ -1130,14 +1107,7 @@ fn pod_a_record_cluster_is_reached_by_its_dashed_names() -> Result<()> {
             )
         })
         .collect();
-    let out = erl_in_session(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(&nodes),
-    )?;
-    expect_pongs(&out, &nodes);
+    expect_reached(&cluster, &state, &session, DEBUG, &nodes)?;
     Ok(())
 }
 
@@ -1173,14 +1143,7 @@ fn the_erlang_container_is_found_behind_a_sidecar() -> Result<()> {
         )),
         "{banner}"
     );
-    let out = erl_in_session(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(std::slice::from_ref(&node)),
-    )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
+    expect_reached(&cluster, &state, &session, DEBUG, std::slice::from_ref(&node))?;
     Ok(())
 }
 
@@ -1241,6 +1204,18 @@ fn dist_port(cluster: &SimCluster, pod: &str) -> Result<u16> {
     t.lines()
         .find_map(|l| l.strip_prefix("name app at port ")?.trim().parse().ok())
         .with_context(|| t.clone())
+}
+
+/// app-0 and app-1 as they are now, for [`converged`]: each at its address, with epmd and the
+/// dist port its epmd gives.
+fn both_as_they_are(cluster: &SimCluster) -> Result<Vec<(&'static str, IpAddr, BTreeSet<u16>)>> {
+    ["app-0", "app-1"]
+        .into_iter()
+        .map(|pod| {
+            let ip = IpAddr::V4(cluster.pod_ip(pod).unwrap());
+            Ok((pod, ip, [4369, dist_port(cluster, pod)?].into()))
+        })
+        .collect()
 }
 
 /// Stops the API server, runs `change` (pods replaced meanwhile), waits until `settled` says the
@@ -1310,24 +1285,7 @@ fn a_pod_replaced_while_the_api_server_was_away_is_followed_after_the_relist() -
     let session = unique("relist");
     let log = state.path().join("up.log");
     let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
-    let status = converged(
-        &cluster,
-        &state,
-        &session,
-        &log,
-        &[
-            (
-                "app-0",
-                IpAddr::V4(cluster.pod_ip("app-0").unwrap()),
-                [4369, dist_port(&cluster, "app-0")?].into(),
-            ),
-            (
-                "app-1",
-                IpAddr::V4(cluster.pod_ip("app-1").unwrap()),
-                [4369, dist_port(&cluster, "app-1")?].into(),
-            ),
-        ],
-    )?;
+    let status = converged(&cluster, &state, &session, &log, &both_as_they_are(&cluster)?)?;
     let old = seen(&cluster, &status, "app-0").context("app-0")?;
     let old_port = dist_port(&cluster, "app-0")?;
 
@@ -1363,14 +1321,7 @@ fn a_pod_replaced_while_the_api_server_was_away_is_followed_after_the_relist() -
         &cluster.audit()[mark..]
     );
     let node = format!("app@{new_ip}");
-    let out = erl_in_session(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(std::slice::from_ref(&node)),
-    )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
+    expect_reached(&cluster, &state, &session, DEBUG, std::slice::from_ref(&node))?;
     Ok(())
 }
 
@@ -1391,24 +1342,7 @@ fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_sessi
     let session = unique("reuse");
     let log = state.path().join("up.log");
     let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
-    let status = converged(
-        &cluster,
-        &state,
-        &session,
-        &log,
-        &[
-            (
-                "app-0",
-                IpAddr::V4(cluster.pod_ip("app-0").unwrap()),
-                [4369, dist_port(&cluster, "app-0")?].into(),
-            ),
-            (
-                "app-1",
-                IpAddr::V4(cluster.pod_ip("app-1").unwrap()),
-                [4369, dist_port(&cluster, "app-1")?].into(),
-            ),
-        ],
-    )?;
+    let status = converged(&cluster, &state, &session, &log, &both_as_they_are(&cluster)?)?;
     let (old0, old1) = (
         seen(&cluster, &status, "app-0").context("app-0")?,
         seen(&cluster, &status, "app-1").context("app-1")?,
@@ -1472,14 +1406,7 @@ fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_sessi
         "each address goes to its new owner's forward: {status:#}"
     );
     let nodes = vec![format!("app@{}", old1.ip), format!("app@{}", old0.ip)];
-    let out = erl_in_session(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(&nodes),
-    )?;
-    expect_pongs(&out, &nodes);
+    expect_reached(&cluster, &state, &session, DEBUG, &nodes)?;
 
     // (2) Back at its own address.
     let before = seen(&cluster, &status, "app-0").context("app-0")?;
@@ -1509,14 +1436,7 @@ fn ip_reuse_while_the_api_server_was_away_swaps_or_keeps_addresses_and_the_sessi
     }
     let _ = status;
     let node = format!("app@{}", before.ip);
-    let out = erl_in_session(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(std::slice::from_ref(&node)),
-    )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
+    expect_reached(&cluster, &state, &session, DEBUG, std::slice::from_ref(&node))?;
     Ok(())
 }
 
@@ -1609,17 +1529,8 @@ fn a_node_that_still_has_the_old_address_of_a_moved_pod_reaches_it() -> Result<(
             "env",
             &format!("ERL_INETRC={}", inetrc.display()),
         ])
-        .args([
-            "erl",
-            "-name",
-            "debug@127.0.0.1",
-            "-setcookie",
-            COOKIE,
-            "-hidden",
-            "-noshell",
-            "-eval",
-            &script,
-        ])
+        .arg("erl")
+        .args(hidden_node_args("debug@127.0.0.1", COOKIE, &script))
         .env("HOME", state.path())
         .stdin(Stdio::null())
         .output()?;
@@ -1797,14 +1708,7 @@ fn many_pods_over_a_slow_link_all_come_up_and_a_silent_pod_delays_none() -> Resu
         "{last:#}"
     );
     let node = format!("app@{}", cluster.pod_ip("ten-9").unwrap());
-    let out = erl_in_session(
-        &cluster,
-        &state,
-        &session,
-        &["-name", "debug@127.0.0.1"],
-        &ping_and_rpc(std::slice::from_ref(&node)),
-    )?;
-    expect_pongs(&out, std::slice::from_ref(&node));
+    expect_reached(&cluster, &state, &session, DEBUG, std::slice::from_ref(&node))?;
     Ok(())
 }
 

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, ensure};
 use beamredir_testbed::{
     Graceful, Interactive, Netns, Proc, TempDir, beamredir_bin, cgroup2_root,
     cluster::{EXAMPLE_MANIFEST, SimCluster},
-    require_root, run, unique, wait_until,
+    require_root, run, text, unique, wait_until,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -129,14 +129,6 @@ fn start_up(
             .is_some_and(|s| s["state"] == "running")
     })?;
     Ok(proc)
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -966,6 +958,24 @@ fn assert_refused_with(what: &str, (ok, stderr): (bool, String), says: &str) {
 
 const MAPPING: &str = "10.244.250.9:4369=14369";
 
+/// `down`, `map` and `exec` naming session `name` are each refused with one line that says
+/// `says`.
+fn assert_session_commands_refused(
+    ns: &Netns,
+    state: &Path,
+    name: &str,
+    says: &str,
+) -> Result<()> {
+    for (what, args) in [
+        ("down --session", vec!["down", "--session", name]),
+        ("map with its name", vec!["map", "--session", name, MAPPING, "--", "true"]),
+        ("exec", vec!["exec", "--session", name, "--", "true"]),
+    ] {
+        assert_refused_with(what, beamredir_in(ns, state, &args)?, says);
+    }
+    Ok(())
+}
+
 #[test]
 fn a_forged_record_is_refused_and_root_moves_nothing() -> Result<()> {
     require_root()?;
@@ -984,29 +994,7 @@ fn a_forged_record_is_refused_and_root_moves_nothing() -> Result<()> {
         victim.rel()
     );
 
-    assert_refused_with(
-        "down --session",
-        beamredir_in(&ns, state.path(), &["down", "--session", &name])?,
-        &says,
-    );
-    assert_refused_with(
-        "map with its name",
-        beamredir_in(
-            &ns,
-            state.path(),
-            &["map", "--session", &name, MAPPING, "--", "true"],
-        )?,
-        &says,
-    );
-    assert_refused_with(
-        "exec",
-        beamredir_in(
-            &ns,
-            state.path(),
-            &["exec", "--session", &name, "--", "true"],
-        )?,
-        &says,
-    );
+    assert_session_commands_refused(&ns, state.path(), &name, &says)?;
     // What reads every record (status, down --all, a new session's clean-up of stale ones)
     // says it once, skips it, and goes on.
     for args in [
@@ -1140,29 +1128,7 @@ fn symlinks_in_the_state_dir_are_never_followed() -> Result<()> {
         "{}/{name}.json is a symbolic link; beamredir never follows links in its state directory",
         state.path().display()
     );
-    assert_refused_with(
-        "down --session",
-        beamredir_in(&ns, state.path(), &["down", "--session", &name])?,
-        &says,
-    );
-    assert_refused_with(
-        "map with its name",
-        beamredir_in(
-            &ns,
-            state.path(),
-            &["map", "--session", &name, MAPPING, "--", "true"],
-        )?,
-        &says,
-    );
-    assert_refused_with(
-        "exec",
-        beamredir_in(
-            &ns,
-            state.path(),
-            &["exec", "--session", &name, "--", "true"],
-        )?,
-        &says,
-    );
+    assert_session_commands_refused(&ns, state.path(), &name, &says)?;
     let (ok, stderr) = beamredir_in(&ns, state.path(), &["status"])?;
     assert!(
         ok && stderr.lines().count() == 1 && stderr.contains(&says),

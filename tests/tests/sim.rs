@@ -16,15 +16,11 @@ use anyhow::{Context, Result};
 use beamredir_testbed::{
     DelayRelay, Netns, TempDir,
     cluster::{ApiAccess, EXAMPLE_MANIFEST, Hang, HistoryWindow, IpAllocation, IpFamily, SimCluster},
-    run, unique, wait_until,
+    run, text, unique, wait_until,
 };
 use k8s_openapi::api::core::v1::Pod;
 
 const PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/sim_check.py");
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 /// `python3 sim_check.py ARGS` in the workstation namespace.
 fn py(cluster: &SimCluster, args: &[&str]) -> Result<Output> {

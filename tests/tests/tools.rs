@@ -18,20 +18,12 @@ use beamredir::session::{
 use beamredir_testbed::{
     Graceful, TempDir, TestBed, beamredir_bin,
     cluster::{EXAMPLE_MANIFEST, SimCluster},
-    run, unique,
+    run, text, unique,
 };
 
 const SCHEMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/status.schema.json");
 const SCHEMA_DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/status-schema.md");
 const VALIDATOR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/validate_status.py");
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn stdout_of(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8(run(cmd)?.stdout)?)
@@ -542,28 +534,48 @@ fn the_schema_is_strict_and_covers_every_shape_of_the_rust_types() -> Result<()>
     Ok(())
 }
 
+/// One connection from the session to the pod's epmd at `ip`, through its redirect.
+fn connect_to_epmd(
+    mut beamredir: Command,
+    session: &str,
+    ip: impl std::fmt::Display,
+) -> Result<()> {
+    run(beamredir
+        .args(["exec", "--session", session, "--", "python3", "-c"])
+        .arg(format!(
+            "import socket; socket.create_connection(('{ip}', 4369), timeout=5).close()"
+        )))?;
+    Ok(())
+}
+
+/// `beamredir status -o json`, checked against the schema (`what` names the check): the whole
+/// document and the entry of `session`.
+fn valid_status_json(
+    what: &str,
+    mut beamredir: Command,
+    session: &str,
+) -> Result<(serde_json::Value, serde_json::Value)> {
+    let out = stdout_of(beamredir.args(["status", "-o", "json"]))?;
+    ensure_valid(what, &out)?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let s = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == session)
+        .context("listed")?
+        .clone();
+    Ok((v, s))
+}
+
 #[test]
 fn status_json_from_a_live_map_session_matches_the_schema() -> Result<()> {
     let bed = TestBed::start()?;
     let session = unique("js");
     let _map = bed.start_session(&session, &[])?;
     // A redirected connect, so a counter is non-zero.
-    run(bed
-        .beamredir()
-        .args(["exec", "--session", &session, "--", "python3", "-c"])
-        .arg(format!(
-            "import socket; socket.create_connection(('{}', 4369), timeout=5).close()",
-            bed.pod.ip
-        )))?;
-    let out = stdout_of(bed.beamredir().args(["status", "-o", "json"]))?;
-    ensure_valid("status -o json (map)", &out)?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let s = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == session.as_str())
-        .context("listed")?;
+    connect_to_epmd(bed.beamredir(), &session, bed.pod.ip)?;
+    let (v, s) = valid_status_json("status -o json (map)", bed.beamredir(), &session)?;
     assert_eq!(s["scope"]["kind"], "session");
     ensure!(s["redirects"][0]["connects"].as_u64() >= Some(1), "{s:#}");
     // `--json` is the same document.
@@ -581,26 +593,10 @@ fn status_json_from_a_live_up_session_matches_the_schema() -> Result<()> {
     let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0"], &log)?;
     let ip = cluster.pod_ip("app-0").context("pod IP")?;
     // Traffic through the epmd forward, so its counters move.
-    run(cluster
-        .beamredir(state.path())
-        .args(["exec", "--session", &session, "--", "python3", "-c"])
-        .arg(format!(
-            "import socket; socket.create_connection(('{ip}', 4369), timeout=5).close()"
-        )))?;
-    let out = stdout_of(
-        cluster
-            .beamredir(state.path())
-            .args(["status", "-o", "json"]),
-    )?;
-    ensure_valid("status -o json (up)", &out)?;
+    connect_to_epmd(cluster.beamredir(state.path()), &session, ip)?;
     // The optional parts are there, so the schema was checked against them.
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let s = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == session.as_str())
-        .context("listed")?;
+    let (_, s) =
+        valid_status_json("status -o json (up)", cluster.beamredir(state.path()), &session)?;
     ensure!(
         s["pods"][0]["name"] == "app-0" && s["pods"][0]["ready"] == true,
         "{s:#}"

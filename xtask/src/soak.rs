@@ -22,7 +22,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use beamredir_testbed::{TempDir, cluster::SimCluster, unique};
+use beamredir_testbed::{
+    TempDir,
+    cluster::SimCluster,
+    hidden_node_args,
+    procfs::{fd_count, network_part_of, status_kib},
+    unique,
+};
 
 const ECHO_MANIFEST: &str = include_str!("../../tests/manifests/echo.yaml");
 const ECHO_PORT: u16 = 7777;
@@ -83,47 +89,6 @@ fn slope(points: &[(f64, f64)]) -> f64 {
         (a + (x - mx) * (y - my), b + (x - mx) * (x - mx))
     });
     if den == 0.0 { 0.0 } else { num / den }
-}
-
-fn ppid_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn network_part_of(root: u32) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|&pid| {
-            ppid_of(pid) == Some(root)
-                && std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"__network-part"))
-        })
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 fn loadavg() -> String {
@@ -288,16 +253,11 @@ pub fn run(args: SoakArgs, beamredir: &Path, load: &Path) -> Result<()> {
          {{Ok, Fail}} = Loop(1, 0, 0), io:format(\"rpc ok=~p fail=~p~n\", [Ok, Fail]), halt().",
         ms = duration.as_millis()
     );
-    let mut rpc = Lines::spawn(exec(Path::new("erl")).args([
-        "-name",
+    let mut rpc = Lines::spawn(exec(Path::new("erl")).args(hidden_node_args(
         "soak@127.0.0.1",
-        "-setcookie",
         COOKIE,
-        "-hidden",
-        "-noshell",
-        "-eval",
         &script,
-    ]))?;
+    )))?;
 
     let every = if duration >= Duration::from_secs(300) {
         Duration::from_secs(10)
@@ -315,7 +275,7 @@ pub fn run(args: SoakArgs, beamredir: &Path, load: &Path) -> Result<()> {
         }
         samples.push(Sample {
             secs: t0.elapsed().as_secs_f64(),
-            rss_kib: rss_kib(net),
+            rss_kib: status_kib(net, "VmRSS:"),
             fds: fd_count(net),
         });
         thread::sleep(
@@ -333,7 +293,7 @@ pub fn run(args: SoakArgs, beamredir: &Path, load: &Path) -> Result<()> {
     let _ = wait_for(Duration::from_secs(30), || fd_count(net) <= samples[0].fds);
     let after = Sample {
         secs: t0.elapsed().as_secs_f64(),
-        rss_kib: rss_kib(net),
+        rss_kib: status_kib(net, "VmRSS:"),
         fds: fd_count(net),
     };
     let settled_in = settle.elapsed();
