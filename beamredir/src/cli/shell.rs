@@ -6,11 +6,10 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Result, bail};
 use beamredir::{
-    k8s::KubeArgs,
     privsep::spawn::drop_privileges,
     session::{StateDir, runas::Identity},
     up::{
-        NetConfig, PodSource,
+        PodSource,
         connect::{ShellKind, ShellTask},
         rpc::{RpcTask, run},
     },
@@ -18,12 +17,16 @@ use beamredir::{
 use clap::Args;
 
 use super::{
-    LimitArgs, ScopeArgs,
+    ClusterArgs, LimitArgs, ScopeArgs,
     up::{SessionRequest, limits, pod_source, run_session},
 };
 
 /// Which pod, and which node on it.
 #[derive(Args, Debug, Clone)]
+#[command(
+    mut_arg("dist_port", |a| a.help("The pods' Erlang distribution port, if neither the spec nor epmd tells it")),
+    mut_arg("cluster_domain", |a| a.help("The cluster's DNS domain"))
+)]
 pub struct TargetArgs {
     /// Every pod of this StatefulSet is followed; the shell goes to --ordinal (default 0).
     #[arg(long, value_name = "NAME")]
@@ -43,14 +46,8 @@ pub struct TargetArgs {
     /// A file holding the cookie (first line). Default: ERLANG_COOKIE or RELEASE_COOKIE, else the pod's spec and its Secret.
     #[arg(long, value_name = "PATH")]
     pub cookie_file: Option<PathBuf>,
-    /// The pods' Erlang distribution port, if neither the spec nor epmd tells it.
-    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
-    pub dist_port: Option<u16>,
-    /// The cluster's DNS domain.
-    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
-    pub cluster_domain: String,
     #[command(flatten)]
-    pub kube: KubeArgs,
+    pub cluster: ClusterArgs,
 }
 
 impl TargetArgs {
@@ -105,14 +102,7 @@ pub struct RpcArgs {
 pub fn shell(state: StateDir, kind: ShellKind, args: ShellArgs, verbose: u8, quiet: bool) -> Result<i32> {
     let (source, chosen) = args.target.resolve(args.pod.as_deref())?;
     let task = ShellTask { kind, pod: chosen, node: args.target.node.clone(), cookie_file: args.target.cookie_file.clone(), extra: args.extra.clone() };
-    let config = NetConfig {
-        kube: args.target.kube.clone(),
-        source,
-        dist_port: args.target.dist_port,
-        cluster_domain: args.target.cluster_domain.clone(),
-        limits: limits(&args.limits, &args.scope),
-        shell: Some(task),
-    };
+    let config = args.target.cluster.net_config(source, limits(&args.limits, &args.scope), Some(task));
     let what = match kind {
         ShellKind::Remsh => "remsh",
         ShellKind::Observer => "observer",
@@ -134,12 +124,12 @@ pub fn rpc(args: RpcArgs) -> Result<i32> {
         drop_privileges(Identity::invoking_user()?.as_ref())?;
     }
     let task = RpcTask {
-        kube: args.target.kube.clone(),
+        kube: args.target.cluster.kube.clone(),
         source,
         pod: chosen,
         node: args.target.node.clone(),
         cookie_file: args.target.cookie_file.clone(),
-        dist_port: args.target.dist_port,
+        dist_port: args.target.cluster.dist_port,
         elixir: args.elixir,
         expression,
         timeout: args.timeout,
