@@ -16,6 +16,8 @@
 
 use thiserror::Error;
 
+use super::reader::Reader;
+
 /// `ALIVE2_X_RESP` ('v'): registration answer with a 32-bit creation (distribution version ≥ 6).
 pub const ALIVE2_X_RESP: u8 = b'v';
 /// `PORT2_RESP` ('w').
@@ -127,51 +129,6 @@ pub struct Alive2Resp {
     pub result: u8,
     pub creation: u32,
     pub extended: bool,
-}
-
-/// A bounds-checked cursor: every read returns `None` instead of reading past the end.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
-    }
-
-    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(n)?;
-        let slice = self.buf.get(self.pos..end)?;
-        self.pos = end;
-        Some(slice)
-    }
-
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.bytes(N)?.try_into().ok()
-    }
-
-    fn u8(&mut self) -> Option<u8> {
-        self.array::<1>().map(|[b]| b)
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        self.array().map(u16::from_be_bytes)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_be_bytes)
-    }
-
-    /// A u16 length, then that many bytes.
-    fn sized(&mut self) -> Option<&'a [u8]> {
-        let len = self.u16()?;
-        self.bytes(usize::from(len))
-    }
-
-    fn rest(&self) -> &'a [u8] {
-        self.buf.get(self.pos..).unwrap_or_default()
-    }
 }
 
 /// Parses one length-prefixed client request from the start of `buf`.
