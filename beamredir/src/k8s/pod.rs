@@ -149,6 +149,27 @@ impl PodTarget {
     pub fn has_v4(&self) -> bool {
         self.ips.iter().any(IpAddr::is_ipv4)
     }
+
+    /// For tests: a ready pod `name` in `default` at `ips` (its uid made from them), container
+    /// `app`, epmd on 4369, nothing else known.
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str, ips: &[&str]) -> PodTarget {
+        PodTarget {
+            name: name.into(),
+            namespace: "default".into(),
+            uid: format!("uid-{}", ips.join(",")),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            ready: true,
+            container: "app".into(),
+            epmd_port: DEFAULT_EPMD_PORT,
+            epmdless: false,
+            dist_port: None,
+            tls_dist: false,
+            spec_node_name: None,
+            hostname: None,
+            subdomain: None,
+        }
+    }
 }
 
 /// status.podIPs, else status.podIP; only valid addresses, podIP first, at most one per family
