@@ -23,10 +23,7 @@ use super::{
 
 /// Which pod, and which node on it.
 #[derive(Args, Debug, Clone)]
-#[command(
-    mut_arg("dist_port", |a| a.help("The pods' Erlang distribution port, if neither the spec nor epmd tells it")),
-    mut_arg("cluster_domain", |a| a.help("The cluster's DNS domain"))
-)]
+#[command(mut_args(shell_help))]
 pub struct TargetArgs {
     /// Every pod of this StatefulSet is followed; the shell goes to --ordinal (default 0).
     #[arg(long, value_name = "NAME")]
@@ -48,6 +45,16 @@ pub struct TargetArgs {
     pub cookie_file: Option<PathBuf>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+}
+
+/// The help of two [`ClusterArgs`] as remsh/observer/rpc word it (`mut_args` keeps the
+/// flags' order, which `mut_arg` would change in the completion scripts).
+fn shell_help(arg: clap::Arg) -> clap::Arg {
+    match arg.get_id().as_str() {
+        "dist_port" => arg.help("The pods' Erlang distribution port, if neither the spec nor epmd tells it"),
+        "cluster_domain" => arg.help("The cluster's DNS domain"),
+        _ => arg,
+    }
 }
 
 impl TargetArgs {
