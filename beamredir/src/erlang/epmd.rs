@@ -1166,15 +1166,16 @@ mod tests {
         "[^\\x00\\n]{1,24}"
     }
 
-    fn request_strategy() -> impl Strategy<Value = Request> {
-        let alive2 = (
+    /// The fields ALIVE2_REQ and PORT2_RESP (found) both carry.
+    fn node_fields_strategy() -> impl Strategy<Value = Port2Found> {
+        (
             any::<(u16, u8, u8, u16, u16)>(),
             node_name_strategy(),
             proptest::collection::vec(any::<u8>(), 0..16),
         )
             .prop_map(
                 |((port, node_type, protocol, highest_version, lowest_version), name, extra)| {
-                    Request::Alive2 {
+                    Port2Found {
                         port,
                         node_type,
                         protocol,
@@ -1184,7 +1185,19 @@ mod tests {
                         extra,
                     }
                 },
-            );
+            )
+    }
+
+    fn request_strategy() -> impl Strategy<Value = Request> {
+        let alive2 = node_fields_strategy().prop_map(|f| Request::Alive2 {
+            port: f.port,
+            node_type: f.node_type,
+            protocol: f.protocol,
+            highest_version: f.highest_version,
+            lowest_version: f.lowest_version,
+            name: f.name,
+            extra: f.extra,
+        });
         prop_oneof![
             node_name_strategy().prop_map(|name| Request::PortPlease2 { name }),
             Just(Request::Names),
@@ -1201,26 +1214,8 @@ mod tests {
     }
 
     fn port2_resp_strategy() -> impl Strategy<Value = Port2Resp> {
-        let found = (
-            any::<(u16, u8, u8, u16, u16)>(),
-            node_name_strategy(),
-            proptest::collection::vec(any::<u8>(), 0..16),
-        )
-            .prop_map(
-                |((port, node_type, protocol, highest_version, lowest_version), name, extra)| {
-                    Port2Resp::Found(Port2Found {
-                        port,
-                        node_type,
-                        protocol,
-                        highest_version,
-                        lowest_version,
-                        name,
-                        extra,
-                    })
-                },
-            );
         prop_oneof![
-            found,
+            node_fields_strategy().prop_map(Port2Resp::Found),
             (1..=u8::MAX).prop_map(|result| Port2Resp::NotFound { result })
         ]
     }
