@@ -81,22 +81,15 @@ pub enum Request {
     Names,
     /// `ALIVE2_REQ`: a node registering. Seen through a forward only if a local node registers
     /// with the pod's epmd, which epmd accepts because the forward's peer is local to it.
-    Alive2 {
-        port: u16,
-        node_type: u8,
-        protocol: u8,
-        highest_version: u16,
-        lowest_version: u16,
-        name: String,
-        extra: Vec<u8>,
-    },
+    Alive2(NodeEntry),
     /// Any other code (DUMP, KILL, STOP, garbage): relayed without interpretation.
     Other { code: u8 },
 }
 
-/// `PORT2_RESP` with result 0: the node is registered.
+/// A node's entry in epmd: what `ALIVE2_REQ` registers and `PORT2_RESP` (result 0) returns,
+/// the same fields in the same order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Port2Found {
+pub struct NodeEntry {
     pub port: u16,
     pub node_type: u8,
     pub protocol: u8,
@@ -109,7 +102,7 @@ pub struct Port2Found {
 /// A `PORT2_RESP`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Port2Resp {
-    Found(Port2Found),
+    Found(NodeEntry),
     /// Any non-zero result; epmd sends 1 and then closes.
     NotFound {
         result: u8,
@@ -175,30 +168,12 @@ fn parse_port_please2(name: &[u8]) -> Result<Request, InvalidReason> {
 
 fn parse_alive2_req(fields: &[u8]) -> Result<Request, InvalidReason> {
     const WHAT: &str = "ALIVE2_REQ";
-    let truncated = InvalidReason::Truncated { what: WHAT };
-    let mut r = Reader::new(fields);
     // Bytes after Extra are ignored, as epmd does.
-    let (port, node_type, protocol, highest_version, lowest_version, name, extra) = (|| {
-        Some((
-            r.u16()?,
-            r.u8()?,
-            r.u8()?,
-            r.u16()?,
-            r.u16()?,
-            r.sized()?,
-            r.sized()?,
-        ))
-    })()
-    .ok_or(truncated)?;
-    Ok(Request::Alive2 {
-        port,
-        node_type,
-        protocol,
-        highest_version,
-        lowest_version,
-        name: node_name(name, WHAT)?,
-        extra: extra.to_vec(),
-    })
+    let entry =
+        read_node_entry(&mut Reader::new(fields)).ok_or(InvalidReason::Truncated { what: WHAT })?;
+    // The lossy name keeps the sent name's emptiness and NUL bytes: checking it is checking those.
+    let name = node_name(entry.name.as_bytes(), WHAT)?;
+    Ok(Request::Alive2(NodeEntry { name, ..entry }))
 }
 
 /// A node name as epmd accepts it: non-empty and without NUL (the C side stores it
@@ -235,7 +210,7 @@ pub fn parse_port2_resp(buf: &[u8]) -> Parsed<Port2Resp> {
             consumed: r.pos,
         };
     }
-    let Some(found) = read_port2_found(&mut r) else {
+    let Some(found) = read_node_entry(&mut r) else {
         return Parsed::Incomplete;
     };
     Parsed::Complete {
@@ -244,10 +219,11 @@ pub fn parse_port2_resp(buf: &[u8]) -> Parsed<Port2Resp> {
     }
 }
 
-/// The fields after `[119][0]`; `None` until all have arrived. The name is taken as sent:
-/// epmd echoes a name it accepted at registration.
-fn read_port2_found(r: &mut Reader<'_>) -> Option<Port2Found> {
-    Some(Port2Found {
+/// A node entry (in `PORT2_RESP`, the fields after `[119][0]`); `None` until all have arrived.
+/// The name is taken as sent, decoded lossily: `ALIVE2_REQ` checks it, and in `PORT2_RESP` epmd
+/// echoes a name it accepted at registration.
+fn read_node_entry(r: &mut Reader<'_>) -> Option<NodeEntry> {
+    Some(NodeEntry {
         port: r.u16()?,
         node_type: r.u8()?,
         protocol: r.u8()?,
@@ -622,7 +598,9 @@ impl EpmdConversation {
                 Some(Answer::Port2 { node: name })
             }
             Request::Names => Some(Answer::Names),
-            Request::Alive2 { port, name, .. } => Some(Answer::Alive2 { node: name, port }),
+            Request::Alive2(NodeEntry { port, name, .. }) => {
+                Some(Answer::Alive2 { node: name, port })
+            }
             // DUMP/KILL/STOP and unknown codes: legitimate or not, nothing to learn.
             Request::Other { .. } => None,
         };
@@ -799,7 +777,7 @@ mod tests {
 
     #[test]
     fn parses_captured_port2_resp_found() {
-        let value = Port2Resp::Found(Port2Found {
+        let value = Port2Resp::Found(NodeEntry {
             port: 45555,
             node_type: b'M',
             protocol: 0,
@@ -846,7 +824,7 @@ mod tests {
 
     #[test]
     fn parses_captured_alive2_exchange() {
-        let value = Request::Alive2 {
+        let value = Request::Alive2(NodeEntry {
             port: 45555,
             node_type: b'M',
             protocol: 0,
@@ -854,7 +832,7 @@ mod tests {
             lowest_version: 5,
             name: "a".into(),
             extra: vec![],
-        };
+        });
         assert_eq!(
             parse_request(CAPTURED_ALIVE2_REQ),
             Parsed::Complete {
@@ -1101,24 +1079,7 @@ mod tests {
         let body = match req {
             Request::PortPlease2 { name } => [&[PORT_PLEASE2_REQ][..], name.as_bytes()].concat(),
             Request::Names => vec![NAMES_REQ],
-            Request::Alive2 {
-                port,
-                node_type,
-                protocol,
-                highest_version,
-                lowest_version,
-                name,
-                extra,
-            } => [
-                &[ALIVE2_REQ][..],
-                &port.to_be_bytes(),
-                &[*node_type, *protocol],
-                &highest_version.to_be_bytes(),
-                &lowest_version.to_be_bytes(),
-                &with_u16_len(name.as_bytes()),
-                &with_u16_len(extra),
-            ]
-            .concat(),
+            Request::Alive2(entry) => [&[ALIVE2_REQ][..], &encode_node_entry(entry)].concat(),
             Request::Other { code } => vec![*code],
         };
         with_u16_len(&body)
@@ -1127,17 +1088,20 @@ mod tests {
     fn encode_port2_resp(resp: &Port2Resp) -> Vec<u8> {
         match resp {
             Port2Resp::NotFound { result } => vec![PORT2_RESP, *result],
-            Port2Resp::Found(f) => [
-                &[PORT2_RESP, 0][..],
-                &f.port.to_be_bytes(),
-                &[f.node_type, f.protocol],
-                &f.highest_version.to_be_bytes(),
-                &f.lowest_version.to_be_bytes(),
-                &with_u16_len(f.name.as_bytes()),
-                &with_u16_len(&f.extra),
-            ]
-            .concat(),
+            Port2Resp::Found(entry) => [&[PORT2_RESP, 0][..], &encode_node_entry(entry)].concat(),
         }
+    }
+
+    fn encode_node_entry(e: &NodeEntry) -> Vec<u8> {
+        [
+            &e.port.to_be_bytes()[..],
+            &[e.node_type, e.protocol],
+            &e.highest_version.to_be_bytes(),
+            &e.lowest_version.to_be_bytes(),
+            &with_u16_len(e.name.as_bytes()),
+            &with_u16_len(&e.extra),
+        ]
+        .concat()
     }
 
     fn encode_names_resp(resp: &NamesResp) -> Vec<u8> {
@@ -1166,8 +1130,7 @@ mod tests {
         "[^\\x00\\n]{1,24}"
     }
 
-    /// The fields ALIVE2_REQ and PORT2_RESP (found) both carry.
-    fn node_fields_strategy() -> impl Strategy<Value = Port2Found> {
+    fn node_entry_strategy() -> impl Strategy<Value = NodeEntry> {
         (
             any::<(u16, u8, u8, u16, u16)>(),
             node_name_strategy(),
@@ -1175,7 +1138,7 @@ mod tests {
         )
             .prop_map(
                 |((port, node_type, protocol, highest_version, lowest_version), name, extra)| {
-                    Port2Found {
+                    NodeEntry {
                         port,
                         node_type,
                         protocol,
@@ -1189,15 +1152,7 @@ mod tests {
     }
 
     fn request_strategy() -> impl Strategy<Value = Request> {
-        let alive2 = node_fields_strategy().prop_map(|f| Request::Alive2 {
-            port: f.port,
-            node_type: f.node_type,
-            protocol: f.protocol,
-            highest_version: f.highest_version,
-            lowest_version: f.lowest_version,
-            name: f.name,
-            extra: f.extra,
-        });
+        let alive2 = node_entry_strategy().prop_map(Request::Alive2);
         prop_oneof![
             node_name_strategy().prop_map(|name| Request::PortPlease2 { name }),
             Just(Request::Names),
@@ -1215,7 +1170,7 @@ mod tests {
 
     fn port2_resp_strategy() -> impl Strategy<Value = Port2Resp> {
         prop_oneof![
-            node_fields_strategy().prop_map(Port2Resp::Found),
+            node_entry_strategy().prop_map(Port2Resp::Found),
             (1..=u8::MAX).prop_map(|result| Port2Resp::NotFound { result })
         ]
     }
@@ -1256,7 +1211,7 @@ mod tests {
                 let answer = match &req {
                     Request::PortPlease2 { .. } => encode_port2_resp(&port2),
                     Request::Names => encode_names_resp(&names),
-                    Request::Alive2 { .. } => encode_alive2_resp(&alive2),
+                    Request::Alive2(_) => encode_alive2_resp(&alive2),
                     Request::Other { .. } => noise,
                 };
                 (encode_request(&req), answer)
