@@ -198,7 +198,12 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     /// What the network part of a session is to do.
-    pub fn net_config(&self, source: PodSource, limits: Limits, shell: Option<ShellTask>) -> NetConfig {
+    pub fn net_config(
+        &self,
+        source: PodSource,
+        limits: Limits,
+        shell: Option<ShellTask>,
+    ) -> NetConfig {
         NetConfig {
             kube: self.kube.clone(),
             source,

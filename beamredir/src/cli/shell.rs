@@ -51,7 +51,9 @@ pub struct TargetArgs {
 /// flags' order, which `mut_arg` would change in the completion scripts).
 fn shell_help(arg: clap::Arg) -> clap::Arg {
     match arg.get_id().as_str() {
-        "dist_port" => arg.help("The pods' Erlang distribution port, if neither the spec nor epmd tells it"),
+        "dist_port" => {
+            arg.help("The pods' Erlang distribution port, if neither the spec nor epmd tells it")
+        }
         "cluster_domain" => arg.help("The cluster's DNS domain"),
         _ => arg,
     }
@@ -109,7 +111,8 @@ pub struct RpcArgs {
 pub fn shell(state: StateDir, kind: ShellKind, args: ShellArgs, verbose: u8, quiet: bool) -> Result<i32> {
     let (source, chosen) = args.target.resolve(args.pod.as_deref())?;
     let task = ShellTask { kind, pod: chosen, node: args.target.node.clone(), cookie_file: args.target.cookie_file.clone(), extra: args.extra.clone() };
-    let config = args.target.cluster.net_config(source, limits(&args.limits, &args.scope), Some(task));
+    let limits = limits(&args.limits, &args.scope);
+    let config = args.target.cluster.net_config(source, limits, Some(task));
     let what = match kind {
         ShellKind::Remsh => "remsh",
         ShellKind::Observer => "observer",

@@ -471,10 +471,10 @@ impl<'a, K: KubeReads> PodEnv<'a, K> {
         for piece in pieces(s) {
             match piece {
                 Piece::Text(t) => out.push_str(t),
-                Piece::Var { name, written } => match self.get_bounded(name, before, budget).await? {
-                    Some((v, _)) => out.push_str(&v),
-                    None => out.push_str(written),
-                },
+                Piece::Var { name, written } => {
+                    let found = self.get_bounded(name, before, budget).await?;
+                    out.push_str(found.as_ref().map_or(written, |(v, _)| v));
+                }
             }
         }
         Ok(out)
@@ -677,12 +677,19 @@ mod tests {
     #[tokio::test]
     async fn expansion_is_the_same_as_for_the_pod_spec() {
         let vars = [("BASE".to_string(), "abc".to_string())].into();
-        for value in ["$(BASE)$$-$-$(BASE", "x$(NONE)y$", "$$$(BASE)$()", "$(BASE)$(BASE)", "$$$$"] {
+        for value in [
+            "$(BASE)$$-$-$(BASE",
+            "x$(NONE)y$",
+            "$$$(BASE)$()",
+            "$(BASE)$(BASE)",
+            "$$$$",
+        ] {
             let p = pod(serde_json::json!([{"name": "app", "env": [
                 {"name": "BASE", "value": "abc"},
                 {"name": "RELEASE_COOKIE", "value": value}]}]));
             let r = from(&p, &FakeKube::default()).await.unwrap();
-            assert_eq!(r.cookie.expose(), crate::k8s::env::expand(value, &vars), "{value}");
+            let expected = crate::k8s::env::expand(value, &vars);
+            assert_eq!(r.cookie.expose(), expected, "{value}");
         }
     }
 

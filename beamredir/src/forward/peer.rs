@@ -286,10 +286,26 @@ mod tests {
         payload.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
         payload.extend_from_slice(&4242u64.to_ne_bytes());
         let info = parse_response(&nlmsg(SOCK_DIAG_BY_FAMILY, &payload)).unwrap();
-        assert_eq!(info, Some(PeerInfo { uid: 1000, cgroup_id: Some(4242), inode: 0 }));
+        assert_eq!(
+            info,
+            Some(PeerInfo {
+                uid: 1000,
+                cgroup_id: Some(4242),
+                inode: 0
+            })
+        );
         // Kernels before INET_DIAG_CGROUP_ID.
         let old_kernel = parse_response(&nlmsg(SOCK_DIAG_BY_FAMILY, &[0u8; MSG_LEN])).unwrap();
-        assert!(matches!(old_kernel, Some(PeerInfo { cgroup_id: None, .. })), "{old_kernel:?}");
+        assert!(
+            matches!(
+                old_kernel,
+                Some(PeerInfo {
+                    cgroup_id: None,
+                    ..
+                })
+            ),
+            "{old_kernel:?}"
+        );
         let enoent = nlmsg(NLMSG_ERROR, &(-libc::ENOENT).to_ne_bytes());
         assert_eq!(parse_response(&enoent).unwrap(), None);
     }

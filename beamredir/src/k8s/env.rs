@@ -36,7 +36,10 @@ pub fn pieces(s: &str) -> impl Iterator<Item = Piece<'_>> {
             rest = stripped;
             Piece::Text("$")
         } else if let Some(end) = after.strip_prefix('(').and_then(|a| a.find(')')) {
-            let piece = Piece::Var { name: &after[1..=end], written: &rest[i..i + end + 3] };
+            let piece = Piece::Var {
+                name: &after[1..=end],
+                written: &rest[i..i + end + 3],
+            };
             rest = &after[end + 2..];
             piece
         } else {
@@ -147,10 +150,40 @@ mod tests {
         let p = |s| pieces(s).collect::<Vec<_>>();
         assert_eq!(
             p("x$(A)y$$(B)$(C$"),
-            [Text("x"), Var { name: "A", written: "$(A)" }, Text("y"), Text("$"), Text("(B)"), Text("$"), Text("(C"), Text("$")]
+            [
+                Text("x"),
+                Var {
+                    name: "A",
+                    written: "$(A)"
+                },
+                Text("y"),
+                Text("$"),
+                Text("(B)"),
+                Text("$"),
+                Text("(C"),
+                Text("$")
+            ]
         );
-        assert_eq!(p("$(A)$(B)"), [Var { name: "A", written: "$(A)" }, Var { name: "B", written: "$(B)" }]);
-        assert_eq!(p("$()"), [Var { name: "", written: "$()" }]);
+        assert_eq!(
+            p("$(A)$(B)"),
+            [
+                Var {
+                    name: "A",
+                    written: "$(A)"
+                },
+                Var {
+                    name: "B",
+                    written: "$(B)"
+                }
+            ]
+        );
+        assert_eq!(
+            p("$()"),
+            [Var {
+                name: "",
+                written: "$()"
+            }]
+        );
         assert_eq!(p(""), []);
     }
 }

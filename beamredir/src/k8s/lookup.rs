@@ -12,7 +12,12 @@ use super::{
 };
 
 /// A namespaced object that must exist (`kind` and `resource` as the errors name them).
-async fn get_named<K>(cluster: &Cluster, kind: &str, resource: &str, name: &str) -> Result<K, K8sError>
+async fn get_named<K>(
+    cluster: &Cluster,
+    kind: &str,
+    resource: &str,
+    name: &str,
+) -> Result<K, K8sError>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -27,7 +32,13 @@ where
             what: format!("{kind} {name:?}"),
             namespace: cluster.namespace.clone(),
         }),
-        Err(e) => Err(classify(e, &cluster.url, "get", resource, &cluster.namespace)),
+        Err(e) => Err(classify(
+            e,
+            &cluster.url,
+            "get",
+            resource,
+            &cluster.namespace,
+        )),
     }
 }
 

@@ -381,7 +381,9 @@ mod tests {
 
     /// The node name the spec of a running pod with these containers gives.
     fn spec_node_name(containers: serde_json::Value) -> Option<String> {
-        PodTarget::from_pod(&running(containers), None).unwrap().spec_node_name
+        PodTarget::from_pod(&running(containers), None)
+            .unwrap()
+            .spec_node_name
     }
 
     #[test]
@@ -409,7 +411,9 @@ mod tests {
             r#"dashed=$(echo $POD_IP | tr . -); exec erl -name "app@$dashed.default.pod.cluster.local""#,
             "exec erl -name app@`hostname -f` -noshell",
         ] {
-            let name = spec_node_name(serde_json::json!([{"name": "app", "command": ["sh", "-c", script]}]));
+            let name = spec_node_name(
+                serde_json::json!([{"name": "app", "command": ["sh", "-c", script]}]),
+            );
             assert_eq!(name, None, "{script}");
         }
     }

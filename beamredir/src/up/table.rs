@@ -252,7 +252,11 @@ mod tests {
 
     /// `name` (of StatefulSet `app`) is up at `ips`, forwarding `ports`.
     fn set_up(t: &mut PodTable, name: &str, ips: &[&str], ports: &[u16], now: Instant) {
-        let target = PodTarget { hostname: Some(name.into()), subdomain: Some("app".into()), ..PodTarget::for_test(name, ips) };
+        let target = PodTarget {
+            hostname: Some(name.into()),
+            subdomain: Some("app".into()),
+            ..PodTarget::for_test(name, ips)
+        };
         t.set_up(name, target, ports.iter().copied().collect(), vec![], now);
     }
 
@@ -316,7 +320,13 @@ mod tests {
     #[test]
     fn dual_stack_pods_are_redirected_in_both_families() {
         let mut t = PodTable::default();
-        set_up(&mut t, "app-0", &["fd00::5", "10.0.0.5"], &[4369], Instant::now());
+        set_up(
+            &mut t,
+            "app-0",
+            &["fd00::5", "10.0.0.5"],
+            &[4369],
+            Instant::now(),
+        );
         let r = t.redirects(listeners, Instant::now());
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].listener, 159);
