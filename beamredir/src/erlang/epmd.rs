@@ -775,9 +775,9 @@ mod tests {
         assert_eq!(parsed, Parsed::Complete { value, consumed: 4 });
     }
 
-    #[test]
-    fn parses_captured_port2_resp_found() {
-        let value = Port2Resp::Found(NodeEntry {
+    /// Node `a` as the captures register it and epmd returns it.
+    fn captured_entry() -> NodeEntry {
+        NodeEntry {
             port: 45555,
             node_type: b'M',
             protocol: 0,
@@ -785,7 +785,12 @@ mod tests {
             lowest_version: 5,
             name: "a".into(),
             extra: vec![],
-        });
+        }
+    }
+
+    #[test]
+    fn parses_captured_port2_resp_found() {
+        let value = Port2Resp::Found(captured_entry());
         let consumed = CAPTURED_PORT2_RESP.len();
         assert_eq!(
             parse_port2_resp(CAPTURED_PORT2_RESP),
@@ -824,15 +829,7 @@ mod tests {
 
     #[test]
     fn parses_captured_alive2_exchange() {
-        let value = Request::Alive2(NodeEntry {
-            port: 45555,
-            node_type: b'M',
-            protocol: 0,
-            highest_version: 6,
-            lowest_version: 5,
-            name: "a".into(),
-            extra: vec![],
-        });
+        let value = Request::Alive2(captured_entry());
         assert_eq!(
             parse_request(CAPTURED_ALIVE2_REQ),
             Parsed::Complete {
