@@ -19,9 +19,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::kernel::{
-    cgroup::{Hierarchy, find_cgroup2_mount},
-    redirect::{LoadOptions, Redirector},
+use crate::{
+    forward::peer::{PeerInfo, PeerLookup},
+    kernel::{
+        cgroup::{Hierarchy, find_cgroup2_mount},
+        redirect::{LoadOptions, Redirector},
+    },
 };
 
 pub struct Check {
@@ -469,98 +472,23 @@ fn own_cgroup_id() -> Option<u64> {
     std::fs::metadata(mount.join(rel.trim_start_matches('/'))).ok().map(|m| m.ino())
 }
 
-const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 1;
-const INET_DIAG_NOCOOKIE: u32 = !0;
-const INET_DIAG_CGROUP_ID: u16 = 21;
-
+/// The cgroup id the kernel reports for the loopback socket `local` → `peer`, looked up as the
+/// forwards look up their peers ([`PeerLookup`]).
 fn inet_diag_cgroup_id(local: SocketAddrV4, peer: SocketAddrV4) -> Result<u64, String> {
-    // struct nlmsghdr (16) + struct inet_diag_req_v2 (56).
-    let mut req = Vec::with_capacity(72);
-    req.extend_from_slice(&72u32.to_ne_bytes());
-    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes()); // no NLM_F_DUMP: an exact lookup
-    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    req.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_TCP as u8, 0, 0]); // family, protocol, ext, pad
-    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
-    // struct inet_diag_sockid: ports and addresses in network order.
-    req.extend_from_slice(&local.port().to_be_bytes());
-    req.extend_from_slice(&peer.port().to_be_bytes());
-    for addr in [local.ip(), peer.ip()] {
-        req.extend_from_slice(&addr.octets());
-        req.extend_from_slice(&[0; 12]);
-    }
-    req.extend_from_slice(&0u32.to_ne_bytes()); // interface
-    req.extend_from_slice(&INET_DIAG_NOCOOKIE.to_ne_bytes());
-    req.extend_from_slice(&INET_DIAG_NOCOOKIE.to_ne_bytes());
-    debug_assert_eq!(req.len(), 72);
-
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
-    if fd < 0 {
-        return Err(format!("netlink NETLINK_SOCK_DIAG socket: {}", io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just created and is owned here.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let lookup = PeerLookup::new().map_err(|e| format!("netlink NETLINK_SOCK_DIAG socket: {e}"))?;
     let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
     // SAFETY: valid option value for the call's duration.
     unsafe {
-        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size_of::<libc::timeval>() as u32)
+        libc::setsockopt(lookup.as_fd().as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), size_of::<libc::timeval>() as u32)
     };
-    // SAFETY: req is valid for its length.
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(format!("sending the sock_diag request: {}", io::Error::last_os_error()));
+    // `lookup` finds the socket at the other end of its arguments: the other end of `peer`,
+    // seen from `local`'s side, is the socket `local` itself.
+    match lookup.lookup(peer.into(), local.into()) {
+        Ok(Some(PeerInfo { cgroup_id: Some(id), .. })) => Ok(id),
+        Ok(Some(_)) => Err("the answer has no INET_DIAG_CGROUP_ID attribute (kernel older than 5.8?)".into()),
+        Ok(None) => Err("the exact lookup found no socket (ENOENT)".into()),
+        Err(e) => Err(format!("sock_diag: {e}")),
     }
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: buf is valid for its length.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(format!("reading the sock_diag answer: {}", io::Error::last_os_error()));
-    }
-    parse_inet_diag_cgroup_id(&buf[..n as usize])
-}
-
-/// Finds INET_DIAG_CGROUP_ID in a SOCK_DIAG_BY_FAMILY answer.
-fn parse_inet_diag_cgroup_id(buf: &[u8]) -> Result<u64, String> {
-    let u16_at = |b: &[u8], o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
-    let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let len = u32_at(buf, off) as usize;
-        let kind = u16_at(buf, off + 4);
-        if len < 16 || off + len > buf.len() {
-            break;
-        }
-        let msg = &buf[off..off + len];
-        if kind == NLMSG_ERROR && len >= 20 {
-            let errno = -(u32_at(msg, 16) as i32);
-            return Err(match errno {
-                libc::ENOENT => "the exact lookup found no socket (ENOENT)".into(),
-                e => format!("sock_diag error: {}", io::Error::from_raw_os_error(e)),
-            });
-        }
-        if kind == SOCK_DIAG_BY_FAMILY {
-            // struct inet_diag_msg is 72 bytes; attributes (struct nlattr + value) follow.
-            let mut a = 16 + 72;
-            while a + 4 <= msg.len() {
-                let alen = u16_at(msg, a) as usize;
-                let atype = u16_at(msg, a + 2) & 0x3fff;
-                if alen < 4 || a + alen > msg.len() {
-                    break;
-                }
-                if atype == INET_DIAG_CGROUP_ID && alen >= 12 {
-                    return Ok(u64::from_ne_bytes(msg[a + 4..a + 12].try_into().unwrap()));
-                }
-                a += (alen + 3) & !3;
-            }
-            return Err("the answer has no INET_DIAG_CGROUP_ID attribute (kernel older than 5.8?)".into());
-        }
-        off += (len + 3) & !3;
-    }
-    Err("no answer to the sock_diag request".into())
 }
 
 #[cfg(test)]
@@ -574,30 +502,5 @@ mod tests {
         assert_eq!(store32_imm(10, -4, 0), [0x62, 0x0a, 0xfc, 0xff, 0, 0, 0, 0]);
         assert_eq!(ld_map_fd(1, 7)[0], [0x18, 0x11, 0, 0, 7, 0, 0, 0]);
         assert_eq!(call(122), [0x85, 0, 0, 0, 122, 0, 0, 0]);
-    }
-
-    fn nlmsg(kind: u16, payload: &[u8]) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
-        m.extend_from_slice(payload);
-        m
-    }
-
-    #[test]
-    fn sock_diag_answers_parse() {
-        let mut payload = vec![0u8; 72];
-        payload.extend_from_slice(&8u16.to_ne_bytes()); // an unrelated 4-byte attribute
-        payload.extend_from_slice(&1u16.to_ne_bytes());
-        payload.extend_from_slice(&[0; 4]);
-        payload.extend_from_slice(&12u16.to_ne_bytes());
-        payload.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
-        payload.extend_from_slice(&4242u64.to_ne_bytes());
-        assert_eq!(parse_inet_diag_cgroup_id(&nlmsg(SOCK_DIAG_BY_FAMILY, &payload)), Ok(4242));
-        let old_kernel = nlmsg(SOCK_DIAG_BY_FAMILY, &[0u8; 72]);
-        assert!(parse_inet_diag_cgroup_id(&old_kernel).unwrap_err().contains("no INET_DIAG_CGROUP_ID"));
-        let enoent = nlmsg(NLMSG_ERROR, &(-libc::ENOENT).to_ne_bytes());
-        assert!(parse_inet_diag_cgroup_id(&enoent).unwrap_err().contains("ENOENT"));
     }
 }

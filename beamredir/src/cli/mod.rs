@@ -20,6 +20,7 @@ use beamredir::{
     k8s::KubeArgs,
     mapping::{self, Mapping},
     session::{DEFAULT_STATE_DIR, StateDir, active::ScopeRequest},
+    up::{Limits, NetConfig, PodSource, connect::ShellTask},
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -170,6 +171,21 @@ pub struct UpArgs {
     /// Every pod behind this Service (e.g. the headless Service of a StatefulSet).
     #[arg(long, value_name = "NAME")]
     pub service: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Command to run in the session; beamredir ends the session when it exits and exits with its code.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// The cluster and how its pods' nodes are reached: `up`, and (with their own help for the
+/// first two) `remsh`, `observer`, `rpc`.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
     /// The pods' Erlang distribution port (default: a container port named `erlang`/`dist`, ERL_DIST_PORT, -erl_epmd_port, else what the pod's epmd says).
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub dist_port: Option<u16>,
@@ -178,13 +194,25 @@ pub struct UpArgs {
     pub cluster_domain: String,
     #[command(flatten)]
     pub kube: KubeArgs,
-    #[command(flatten)]
-    pub scope: ScopeArgs,
-    #[command(flatten)]
-    pub limits: LimitArgs,
-    /// Command to run in the session; beamredir ends the session when it exits and exits with its code.
-    #[arg(last = true, value_name = "CMD")]
-    pub command: Vec<String>,
+}
+
+impl ClusterArgs {
+    /// What the network part of a session is to do.
+    pub fn net_config(
+        &self,
+        source: PodSource,
+        limits: Limits,
+        shell: Option<ShellTask>,
+    ) -> NetConfig {
+        NetConfig {
+            kube: self.kube.clone(),
+            source,
+            dist_port: self.dist_port,
+            cluster_domain: self.cluster_domain.clone(),
+            limits,
+            shell,
+        }
+    }
 }
 
 /// Bounds on what a session holds (see docs/reliability.md).

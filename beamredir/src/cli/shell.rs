@@ -6,11 +6,10 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Result, bail};
 use beamredir::{
-    k8s::KubeArgs,
     privsep::spawn::drop_privileges,
     session::{StateDir, runas::Identity},
     up::{
-        NetConfig, PodSource,
+        PodSource,
         connect::{ShellKind, ShellTask},
         rpc::{RpcTask, run},
     },
@@ -18,12 +17,13 @@ use beamredir::{
 use clap::Args;
 
 use super::{
-    LimitArgs, ScopeArgs,
+    ClusterArgs, LimitArgs, ScopeArgs,
     up::{SessionRequest, limits, pod_source, run_session},
 };
 
 /// Which pod, and which node on it.
 #[derive(Args, Debug, Clone)]
+#[command(mut_args(shell_help))]
 pub struct TargetArgs {
     /// Every pod of this StatefulSet is followed; the shell goes to --ordinal (default 0).
     #[arg(long, value_name = "NAME")]
@@ -43,14 +43,20 @@ pub struct TargetArgs {
     /// A file holding the cookie (first line). Default: ERLANG_COOKIE or RELEASE_COOKIE, else the pod's spec and its Secret.
     #[arg(long, value_name = "PATH")]
     pub cookie_file: Option<PathBuf>,
-    /// The pods' Erlang distribution port, if neither the spec nor epmd tells it.
-    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
-    pub dist_port: Option<u16>,
-    /// The cluster's DNS domain.
-    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
-    pub cluster_domain: String,
     #[command(flatten)]
-    pub kube: KubeArgs,
+    pub cluster: ClusterArgs,
+}
+
+/// The help of two [`ClusterArgs`] as remsh/observer/rpc word it (`mut_args` keeps the
+/// flags' order, which `mut_arg` would change in the completion scripts).
+fn shell_help(arg: clap::Arg) -> clap::Arg {
+    match arg.get_id().as_str() {
+        "dist_port" => {
+            arg.help("The pods' Erlang distribution port, if neither the spec nor epmd tells it")
+        }
+        "cluster_domain" => arg.help("The cluster's DNS domain"),
+        _ => arg,
+    }
 }
 
 impl TargetArgs {
@@ -105,14 +111,8 @@ pub struct RpcArgs {
 pub fn shell(state: StateDir, kind: ShellKind, args: ShellArgs, verbose: u8, quiet: bool) -> Result<i32> {
     let (source, chosen) = args.target.resolve(args.pod.as_deref())?;
     let task = ShellTask { kind, pod: chosen, node: args.target.node.clone(), cookie_file: args.target.cookie_file.clone(), extra: args.extra.clone() };
-    let config = NetConfig {
-        kube: args.target.kube.clone(),
-        source,
-        dist_port: args.target.dist_port,
-        cluster_domain: args.target.cluster_domain.clone(),
-        limits: limits(&args.limits, &args.scope),
-        shell: Some(task),
-    };
+    let limits = limits(&args.limits, &args.scope);
+    let config = args.target.cluster.net_config(source, limits, Some(task));
     let what = match kind {
         ShellKind::Remsh => "remsh",
         ShellKind::Observer => "observer",
@@ -134,12 +134,12 @@ pub fn rpc(args: RpcArgs) -> Result<i32> {
         drop_privileges(Identity::invoking_user()?.as_ref())?;
     }
     let task = RpcTask {
-        kube: args.target.kube.clone(),
+        kube: args.target.cluster.kube.clone(),
         source,
         pod: chosen,
         node: args.target.node.clone(),
         cookie_file: args.target.cookie_file.clone(),
-        dist_port: args.target.dist_port,
+        dist_port: args.target.cluster.dist_port,
         elixir: args.elixir,
         expression,
         timeout: args.timeout,

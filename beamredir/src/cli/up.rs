@@ -68,20 +68,11 @@ pub fn limits(args: &super::LimitArgs, scope: &super::ScopeArgs) -> Limits {
     }
 }
 
-fn net_config(args: &UpArgs) -> NetConfig {
-    NetConfig {
-        kube: args.kube.clone(),
-        source: pod_source(&args.pods, &args.statefulset, &args.selector, &args.service),
-        dist_port: args.dist_port,
-        cluster_domain: args.cluster_domain.clone(),
-        limits: limits(&args.limits, &args.scope),
-        shell: None,
-    }
-}
-
 pub fn up(state: StateDir, args: UpArgs, verbose: u8, quiet: bool) -> Result<i32> {
     let session = args.scope.name(|| beamredir::session::DEFAULT_SESSION.to_string());
-    let request = SessionRequest { config: net_config(&args), scope: args.scope, session, command: args.command };
+    let source = pod_source(&args.pods, &args.statefulset, &args.selector, &args.service);
+    let config = args.cluster.net_config(source, limits(&args.limits, &args.scope), None);
+    let request = SessionRequest { config, scope: args.scope, session, command: args.command };
     run_session(state, request, verbose, quiet)
 }
 

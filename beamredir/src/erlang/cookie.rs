@@ -30,6 +30,8 @@ use std::{
 use k8s_openapi::api::core::v1::{Container, EnvFromSource, EnvVar, Pod};
 use thiserror::Error;
 
+use crate::k8s::env::{Piece, pieces};
+
 /// Longest cookie accepted: a cookie is an atom, and atoms hold at most 255 characters.
 pub const MAX_COOKIE_LEN: usize = 255;
 
@@ -461,30 +463,20 @@ impl<'a, K: KubeReads> PodEnv<'a, K> {
         self.expand_bounded(s, before, &mut budget).await
     }
 
-    /// Kubernetes `$(VAR)` expansion: `$$` is `$`, an unknown `$(VAR)` stays as written.
+    /// Kubernetes `$(VAR)` expansion (see [`pieces`]), each reference looked up in turn
+    /// as seen by env entry `before`.
     async fn expand_bounded(&mut self, s: &str, before: usize, budget: &mut usize) -> Result<String, CookieError>
     {
         let mut out = String::with_capacity(s.len());
-        let mut rest = s;
-        while let Some(i) = rest.find('$') {
-            out.push_str(&rest[..i]);
-            let after = &rest[i + 1..];
-            if let Some(stripped) = after.strip_prefix('$') {
-                out.push('$');
-                rest = stripped;
-            } else if let Some(end) = after.strip_prefix('(').and_then(|a| a.find(')')) {
-                let name = &after[1..=end];
-                match self.get_bounded(name, before, budget).await? {
-                    Some((v, _)) => out.push_str(&v),
-                    None => out.push_str(&rest[i..i + end + 3]),
+        for piece in pieces(s) {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Var { name, written } => {
+                    let found = self.get_bounded(name, before, budget).await?;
+                    out.push_str(found.as_ref().map_or(written, |(v, _)| v));
                 }
-                rest = &after[end + 2..];
-            } else {
-                out.push('$');
-                rest = after;
             }
         }
-        out.push_str(rest);
         Ok(out)
     }
 }
@@ -680,6 +672,25 @@ mod tests {
         // LATER is defined after RELEASE_COOKIE, so it stays unexpanded, as with the kubelet.
         assert_eq!(r.cookie.expose(), "abc-$(LATER)-$(BASE)");
         assert_eq!(r.source, CookieSource::PodEnv { container: "app".into(), var: "RELEASE_COOKIE".into(), from: ValueOrigin::Literal });
+    }
+
+    #[tokio::test]
+    async fn expansion_is_the_same_as_for_the_pod_spec() {
+        let vars = [("BASE".to_string(), "abc".to_string())].into();
+        for value in [
+            "$(BASE)$$-$-$(BASE",
+            "x$(NONE)y$",
+            "$$$(BASE)$()",
+            "$(BASE)$(BASE)",
+            "$$$$",
+        ] {
+            let p = pod(serde_json::json!([{"name": "app", "env": [
+                {"name": "BASE", "value": "abc"},
+                {"name": "RELEASE_COOKIE", "value": value}]}]));
+            let r = from(&p, &FakeKube::default()).await.unwrap();
+            let expected = crate::k8s::env::expand(value, &vars);
+            assert_eq!(r.cookie.expose(), expected, "{value}");
+        }
     }
 
     #[tokio::test]

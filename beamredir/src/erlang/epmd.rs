@@ -16,6 +16,8 @@
 
 use thiserror::Error;
 
+use super::reader::Reader;
+
 /// `ALIVE2_X_RESP` ('v'): registration answer with a 32-bit creation (distribution version ≥ 6).
 pub const ALIVE2_X_RESP: u8 = b'v';
 /// `PORT2_RESP` ('w').
@@ -79,22 +81,15 @@ pub enum Request {
     Names,
     /// `ALIVE2_REQ`: a node registering. Seen through a forward only if a local node registers
     /// with the pod's epmd, which epmd accepts because the forward's peer is local to it.
-    Alive2 {
-        port: u16,
-        node_type: u8,
-        protocol: u8,
-        highest_version: u16,
-        lowest_version: u16,
-        name: String,
-        extra: Vec<u8>,
-    },
+    Alive2(NodeEntry),
     /// Any other code (DUMP, KILL, STOP, garbage): relayed without interpretation.
     Other { code: u8 },
 }
 
-/// `PORT2_RESP` with result 0: the node is registered.
+/// A node's entry in epmd: what `ALIVE2_REQ` registers and `PORT2_RESP` (result 0) returns,
+/// the same fields in the same order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Port2Found {
+pub struct NodeEntry {
     pub port: u16,
     pub node_type: u8,
     pub protocol: u8,
@@ -107,7 +102,7 @@ pub struct Port2Found {
 /// A `PORT2_RESP`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Port2Resp {
-    Found(Port2Found),
+    Found(NodeEntry),
     /// Any non-zero result; epmd sends 1 and then closes.
     NotFound {
         result: u8,
@@ -127,51 +122,6 @@ pub struct Alive2Resp {
     pub result: u8,
     pub creation: u32,
     pub extended: bool,
-}
-
-/// A bounds-checked cursor: every read returns `None` instead of reading past the end.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
-    }
-
-    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(n)?;
-        let slice = self.buf.get(self.pos..end)?;
-        self.pos = end;
-        Some(slice)
-    }
-
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.bytes(N)?.try_into().ok()
-    }
-
-    fn u8(&mut self) -> Option<u8> {
-        self.array::<1>().map(|[b]| b)
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        self.array().map(u16::from_be_bytes)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_be_bytes)
-    }
-
-    /// A u16 length, then that many bytes.
-    fn sized(&mut self) -> Option<&'a [u8]> {
-        let len = self.u16()?;
-        self.bytes(usize::from(len))
-    }
-
-    fn rest(&self) -> &'a [u8] {
-        self.buf.get(self.pos..).unwrap_or_default()
-    }
 }
 
 /// Parses one length-prefixed client request from the start of `buf`.
@@ -218,30 +168,12 @@ fn parse_port_please2(name: &[u8]) -> Result<Request, InvalidReason> {
 
 fn parse_alive2_req(fields: &[u8]) -> Result<Request, InvalidReason> {
     const WHAT: &str = "ALIVE2_REQ";
-    let truncated = InvalidReason::Truncated { what: WHAT };
-    let mut r = Reader::new(fields);
     // Bytes after Extra are ignored, as epmd does.
-    let (port, node_type, protocol, highest_version, lowest_version, name, extra) = (|| {
-        Some((
-            r.u16()?,
-            r.u8()?,
-            r.u8()?,
-            r.u16()?,
-            r.u16()?,
-            r.sized()?,
-            r.sized()?,
-        ))
-    })()
-    .ok_or(truncated)?;
-    Ok(Request::Alive2 {
-        port,
-        node_type,
-        protocol,
-        highest_version,
-        lowest_version,
-        name: node_name(name, WHAT)?,
-        extra: extra.to_vec(),
-    })
+    let entry =
+        read_node_entry(&mut Reader::new(fields)).ok_or(InvalidReason::Truncated { what: WHAT })?;
+    // The lossy name keeps the sent name's emptiness and NUL bytes: checking it is checking those.
+    let name = node_name(entry.name.as_bytes(), WHAT)?;
+    Ok(Request::Alive2(NodeEntry { name, ..entry }))
 }
 
 /// A node name as epmd accepts it: non-empty and without NUL (the C side stores it
@@ -278,7 +210,7 @@ pub fn parse_port2_resp(buf: &[u8]) -> Parsed<Port2Resp> {
             consumed: r.pos,
         };
     }
-    let Some(found) = read_port2_found(&mut r) else {
+    let Some(found) = read_node_entry(&mut r) else {
         return Parsed::Incomplete;
     };
     Parsed::Complete {
@@ -287,10 +219,11 @@ pub fn parse_port2_resp(buf: &[u8]) -> Parsed<Port2Resp> {
     }
 }
 
-/// The fields after `[119][0]`; `None` until all have arrived. The name is taken as sent:
-/// epmd echoes a name it accepted at registration.
-fn read_port2_found(r: &mut Reader<'_>) -> Option<Port2Found> {
-    Some(Port2Found {
+/// A node entry (in `PORT2_RESP`, the fields after `[119][0]`); `None` until all have arrived.
+/// The name is taken as sent, decoded lossily: `ALIVE2_REQ` checks it, and in `PORT2_RESP` epmd
+/// echoes a name it accepted at registration.
+fn read_node_entry(r: &mut Reader<'_>) -> Option<NodeEntry> {
+    Some(NodeEntry {
         port: r.u16()?,
         node_type: r.u8()?,
         protocol: r.u8()?,
@@ -665,7 +598,9 @@ impl EpmdConversation {
                 Some(Answer::Port2 { node: name })
             }
             Request::Names => Some(Answer::Names),
-            Request::Alive2 { port, name, .. } => Some(Answer::Alive2 { node: name, port }),
+            Request::Alive2(NodeEntry { port, name, .. }) => {
+                Some(Answer::Alive2 { node: name, port })
+            }
             // DUMP/KILL/STOP and unknown codes: legitimate or not, nothing to learn.
             Request::Other { .. } => None,
         };
@@ -840,9 +775,9 @@ mod tests {
         assert_eq!(parsed, Parsed::Complete { value, consumed: 4 });
     }
 
-    #[test]
-    fn parses_captured_port2_resp_found() {
-        let value = Port2Resp::Found(Port2Found {
+    /// Node `a` as the captures register it and epmd returns it.
+    fn captured_entry() -> NodeEntry {
+        NodeEntry {
             port: 45555,
             node_type: b'M',
             protocol: 0,
@@ -850,7 +785,12 @@ mod tests {
             lowest_version: 5,
             name: "a".into(),
             extra: vec![],
-        });
+        }
+    }
+
+    #[test]
+    fn parses_captured_port2_resp_found() {
+        let value = Port2Resp::Found(captured_entry());
         let consumed = CAPTURED_PORT2_RESP.len();
         assert_eq!(
             parse_port2_resp(CAPTURED_PORT2_RESP),
@@ -889,15 +829,7 @@ mod tests {
 
     #[test]
     fn parses_captured_alive2_exchange() {
-        let value = Request::Alive2 {
-            port: 45555,
-            node_type: b'M',
-            protocol: 0,
-            highest_version: 6,
-            lowest_version: 5,
-            name: "a".into(),
-            extra: vec![],
-        };
+        let value = Request::Alive2(captured_entry());
         assert_eq!(
             parse_request(CAPTURED_ALIVE2_REQ),
             Parsed::Complete {
@@ -1144,24 +1076,7 @@ mod tests {
         let body = match req {
             Request::PortPlease2 { name } => [&[PORT_PLEASE2_REQ][..], name.as_bytes()].concat(),
             Request::Names => vec![NAMES_REQ],
-            Request::Alive2 {
-                port,
-                node_type,
-                protocol,
-                highest_version,
-                lowest_version,
-                name,
-                extra,
-            } => [
-                &[ALIVE2_REQ][..],
-                &port.to_be_bytes(),
-                &[*node_type, *protocol],
-                &highest_version.to_be_bytes(),
-                &lowest_version.to_be_bytes(),
-                &with_u16_len(name.as_bytes()),
-                &with_u16_len(extra),
-            ]
-            .concat(),
+            Request::Alive2(entry) => [&[ALIVE2_REQ][..], &encode_node_entry(entry)].concat(),
             Request::Other { code } => vec![*code],
         };
         with_u16_len(&body)
@@ -1170,17 +1085,20 @@ mod tests {
     fn encode_port2_resp(resp: &Port2Resp) -> Vec<u8> {
         match resp {
             Port2Resp::NotFound { result } => vec![PORT2_RESP, *result],
-            Port2Resp::Found(f) => [
-                &[PORT2_RESP, 0][..],
-                &f.port.to_be_bytes(),
-                &[f.node_type, f.protocol],
-                &f.highest_version.to_be_bytes(),
-                &f.lowest_version.to_be_bytes(),
-                &with_u16_len(f.name.as_bytes()),
-                &with_u16_len(&f.extra),
-            ]
-            .concat(),
+            Port2Resp::Found(entry) => [&[PORT2_RESP, 0][..], &encode_node_entry(entry)].concat(),
         }
+    }
+
+    fn encode_node_entry(e: &NodeEntry) -> Vec<u8> {
+        [
+            &e.port.to_be_bytes()[..],
+            &[e.node_type, e.protocol],
+            &e.highest_version.to_be_bytes(),
+            &e.lowest_version.to_be_bytes(),
+            &with_u16_len(e.name.as_bytes()),
+            &with_u16_len(&e.extra),
+        ]
+        .concat()
     }
 
     fn encode_names_resp(resp: &NamesResp) -> Vec<u8> {
@@ -1209,15 +1127,15 @@ mod tests {
         "[^\\x00\\n]{1,24}"
     }
 
-    fn request_strategy() -> impl Strategy<Value = Request> {
-        let alive2 = (
+    fn node_entry_strategy() -> impl Strategy<Value = NodeEntry> {
+        (
             any::<(u16, u8, u8, u16, u16)>(),
             node_name_strategy(),
             proptest::collection::vec(any::<u8>(), 0..16),
         )
             .prop_map(
                 |((port, node_type, protocol, highest_version, lowest_version), name, extra)| {
-                    Request::Alive2 {
+                    NodeEntry {
                         port,
                         node_type,
                         protocol,
@@ -1227,7 +1145,11 @@ mod tests {
                         extra,
                     }
                 },
-            );
+            )
+    }
+
+    fn request_strategy() -> impl Strategy<Value = Request> {
+        let alive2 = node_entry_strategy().prop_map(Request::Alive2);
         prop_oneof![
             node_name_strategy().prop_map(|name| Request::PortPlease2 { name }),
             Just(Request::Names),
@@ -1244,26 +1166,8 @@ mod tests {
     }
 
     fn port2_resp_strategy() -> impl Strategy<Value = Port2Resp> {
-        let found = (
-            any::<(u16, u8, u8, u16, u16)>(),
-            node_name_strategy(),
-            proptest::collection::vec(any::<u8>(), 0..16),
-        )
-            .prop_map(
-                |((port, node_type, protocol, highest_version, lowest_version), name, extra)| {
-                    Port2Resp::Found(Port2Found {
-                        port,
-                        node_type,
-                        protocol,
-                        highest_version,
-                        lowest_version,
-                        name,
-                        extra,
-                    })
-                },
-            );
         prop_oneof![
-            found,
+            node_entry_strategy().prop_map(Port2Resp::Found),
             (1..=u8::MAX).prop_map(|result| Port2Resp::NotFound { result })
         ]
     }
@@ -1304,7 +1208,7 @@ mod tests {
                 let answer = match &req {
                     Request::PortPlease2 { .. } => encode_port2_resp(&port2),
                     Request::Names => encode_names_resp(&names),
-                    Request::Alive2 { .. } => encode_alive2_resp(&alive2),
+                    Request::Alive2(_) => encode_alive2_resp(&alive2),
                     Request::Other { .. } => noise,
                 };
                 (encode_request(&req), answer)

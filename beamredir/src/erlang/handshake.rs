@@ -23,6 +23,8 @@ use std::{future::Future, time::Duration};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::reader::Reader;
+
 /// The one name every probe uses. Each distinct name a node sees becomes a permanent atom on
 /// it, so there is exactly one. It starts with `0` so it sorts before any usual node name: when
 /// two probes reach a node at once, the node (whose own name then compares greater) answers the
@@ -325,46 +327,6 @@ pub fn digest(challenge: u32, cookie: &[u8]) -> [u8; 16] {
     h.update(cookie);
     h.update(challenge.to_string().as_bytes());
     h.finalize().into()
-}
-
-/// A bounds-checked cursor.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
-    }
-    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(n)?;
-        let s = self.buf.get(self.pos..end)?;
-        self.pos = end;
-        Some(s)
-    }
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.bytes(N)?.try_into().ok()
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.array::<1>().map(|[b]| b)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.array().map(u16::from_be_bytes)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_be_bytes)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.array().map(u64::from_be_bytes)
-    }
-    fn sized(&mut self) -> Option<&'a [u8]> {
-        let n = self.u16()?;
-        self.bytes(usize::from(n))
-    }
-    fn rest(&self) -> &'a [u8] {
-        self.buf.get(self.pos..).unwrap_or_default()
-    }
 }
 
 /// What a probe learned: the node as it names itself.

@@ -20,4 +20,5 @@ pub mod epmd;
 pub mod etf;
 pub mod handshake;
 pub mod names;
+mod reader;
 pub mod rpc;

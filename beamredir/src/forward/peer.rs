@@ -11,7 +11,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
 };
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
@@ -87,6 +87,12 @@ impl PeerLookup {
             return Err(io::Error::last_os_error());
         }
         parse_response(&buf[..n as usize])
+    }
+}
+
+impl AsFd for PeerLookup {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
@@ -258,6 +264,50 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    fn nlmsg(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(payload);
+        m
+    }
+
+    #[test]
+    fn answers_parse() {
+        let mut payload = vec![0u8; MSG_LEN];
+        payload[64..68].copy_from_slice(&1000u32.to_ne_bytes());
+        payload.extend_from_slice(&8u16.to_ne_bytes()); // an unrelated 4-byte attribute
+        payload.extend_from_slice(&1u16.to_ne_bytes());
+        payload.extend_from_slice(&[0; 4]);
+        payload.extend_from_slice(&12u16.to_ne_bytes());
+        payload.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        payload.extend_from_slice(&4242u64.to_ne_bytes());
+        let info = parse_response(&nlmsg(SOCK_DIAG_BY_FAMILY, &payload)).unwrap();
+        assert_eq!(
+            info,
+            Some(PeerInfo {
+                uid: 1000,
+                cgroup_id: Some(4242),
+                inode: 0
+            })
+        );
+        // Kernels before INET_DIAG_CGROUP_ID.
+        let old_kernel = parse_response(&nlmsg(SOCK_DIAG_BY_FAMILY, &[0u8; MSG_LEN])).unwrap();
+        assert!(
+            matches!(
+                old_kernel,
+                Some(PeerInfo {
+                    cgroup_id: None,
+                    ..
+                })
+            ),
+            "{old_kernel:?}"
+        );
+        let enoent = nlmsg(NLMSG_ERROR, &(-libc::ENOENT).to_ne_bytes());
+        assert_eq!(parse_response(&enoent).unwrap(), None);
     }
 
     #[test]

@@ -54,19 +54,9 @@ mod tests {
 
     fn target(ips: &[&str], hostname: Option<&str>, subdomain: Option<&str>) -> PodTarget {
         PodTarget {
-            name: "app-1".into(),
-            namespace: "default".into(),
-            uid: "u".into(),
-            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
-            ready: true,
-            container: "app".into(),
-            epmd_port: 4369,
-            epmdless: false,
-            dist_port: None,
-            tls_dist: false,
-            spec_node_name: None,
             hostname: hostname.map(String::from),
             subdomain: subdomain.map(String::from),
+            ..PodTarget::for_test("app-1", ips)
         }
     }
 

@@ -6,30 +6,63 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 
+/// A piece of a string under Kubernetes' `$(VAR)` expansion: see [`pieces`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// Text that stands as it is (`$$` already made `$`).
+    Text(&'a str),
+    /// A `$(NAME)` reference, and the reference as written, which stays when NAME is unknown.
+    Var { name: &'a str, written: &'a str },
+}
+
+/// Splits `s` for Kubernetes' `$(VAR)` expansion, in order: `$$` is `$`, `$(NAME)` a
+/// reference, any other `$` (an unclosed `$(` too) stays as written. The kubelet's rules; both
+/// [`expand`] and the cookie's lazy look-ups ([`crate::erlang::cookie`]) resolve these pieces.
+pub fn pieces(s: &str) -> impl Iterator<Item = Piece<'_>> {
+    let mut rest = s;
+    let mut pending = None;
+    std::iter::from_fn(move || {
+        if let Some(p) = pending.take() {
+            return Some(p);
+        }
+        if rest.is_empty() {
+            return None;
+        }
+        let Some(i) = rest.find('$') else {
+            return Some(Piece::Text(std::mem::take(&mut rest)));
+        };
+        let (text, after) = (&rest[..i], &rest[i + 1..]);
+        let piece = if let Some(stripped) = after.strip_prefix('$') {
+            rest = stripped;
+            Piece::Text("$")
+        } else if let Some(end) = after.strip_prefix('(').and_then(|a| a.find(')')) {
+            let piece = Piece::Var {
+                name: &after[1..=end],
+                written: &rest[i..i + end + 3],
+            };
+            rest = &after[end + 2..];
+            piece
+        } else {
+            rest = after;
+            Piece::Text("$")
+        };
+        if text.is_empty() {
+            Some(piece)
+        } else {
+            pending = Some(piece);
+            Some(Piece::Text(text))
+        }
+    })
+}
+
 /// Kubernetes' `$(VAR)` expansion (unknown references stay as they are; `$$` is `$`).
 pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(stripped) = after.strip_prefix('$') {
-            out.push('$');
-            rest = stripped;
-        } else if let Some(end) = after.strip_prefix('(').and_then(|a| a.find(')')) {
-            let name = &after[1..=end];
-            match vars.get(name) {
-                Some(v) => out.push_str(v),
-                None => out.push_str(&rest[i..i + end + 3]),
-            }
-            rest = &after[end + 2..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
+    pieces(s)
+        .map(|p| match p {
+            Piece::Text(t) => t,
+            Piece::Var { name, written } => vars.get(name).map_or(written, String::as_str),
+        })
+        .collect()
 }
 
 /// The downward-API fields beamredir can see from the pod object.
@@ -109,5 +142,48 @@ mod tests {
         assert_eq!(expand("$$(A)", &vars), "$(A)");
         assert_eq!(expand("$", &vars), "$");
         assert_eq!(expand("$(A", &vars), "$(A");
+    }
+
+    #[test]
+    fn pieces_in_order() {
+        use Piece::{Text, Var};
+        let p = |s| pieces(s).collect::<Vec<_>>();
+        assert_eq!(
+            p("x$(A)y$$(B)$(C$"),
+            [
+                Text("x"),
+                Var {
+                    name: "A",
+                    written: "$(A)"
+                },
+                Text("y"),
+                Text("$"),
+                Text("(B)"),
+                Text("$"),
+                Text("(C"),
+                Text("$")
+            ]
+        );
+        assert_eq!(
+            p("$(A)$(B)"),
+            [
+                Var {
+                    name: "A",
+                    written: "$(A)"
+                },
+                Var {
+                    name: "B",
+                    written: "$(B)"
+                }
+            ]
+        );
+        assert_eq!(
+            p("$()"),
+            [Var {
+                name: "",
+                written: "$()"
+            }]
+        );
+        assert_eq!(p(""), []);
     }
 }

@@ -11,53 +11,48 @@ use super::{
     error::{K8sError, classify},
 };
 
+/// A namespaced object that must exist (`kind` and `resource` as the errors name them).
+async fn get_named<K>(
+    cluster: &Cluster,
+    kind: &str,
+    resource: &str,
+    name: &str,
+) -> Result<K, K8sError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    match api.get_opt(name).await {
+        Ok(Some(object)) => Ok(object),
+        Ok(None) => Err(K8sError::NotFound {
+            what: format!("{kind} {name:?}"),
+            namespace: cluster.namespace.clone(),
+        }),
+        Err(e) => Err(classify(
+            e,
+            &cluster.url,
+            "get",
+            resource,
+            &cluster.namespace,
+        )),
+    }
+}
+
 /// The label selector of a StatefulSet (`spec.selector.matchLabels` and `matchExpressions`).
 pub async fn statefulset_selector(cluster: &Cluster, name: &str) -> Result<String, K8sError> {
     use k8s_openapi::api::apps::v1::StatefulSet;
-    let api: Api<StatefulSet> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let sts = match api.get_opt(name).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            return Err(K8sError::NotFound {
-                what: format!("statefulset {name:?}"),
-                namespace: cluster.namespace.clone(),
-            });
-        }
-        Err(e) => {
-            return Err(classify(
-                e,
-                &cluster.url,
-                "get",
-                "statefulsets.apps",
-                &cluster.namespace,
-            ));
-        }
-    };
+    let sts: StatefulSet = get_named(cluster, "statefulset", "statefulsets.apps", name).await?;
     Ok(label_selector_string(&sts.spec.selector))
 }
 
 /// The selector of a Service (the pods behind it).
 pub async fn service_selector(cluster: &Cluster, name: &str) -> Result<String, K8sError> {
     use k8s_openapi::api::core::v1::Service;
-    let api: Api<Service> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-    let svc = match api.get_opt(name).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            return Err(K8sError::NotFound {
-                what: format!("service {name:?}"),
-                namespace: cluster.namespace.clone(),
-            });
-        }
-        Err(e) => {
-            return Err(classify(
-                e,
-                &cluster.url,
-                "get",
-                "services",
-                &cluster.namespace,
-            ));
-        }
-    };
+    let svc: Service = get_named(cluster, "service", "services", name).await?;
     let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
     if selector.is_empty() {
         return Err(K8sError::Api {

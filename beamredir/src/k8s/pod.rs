@@ -149,6 +149,27 @@ impl PodTarget {
     pub fn has_v4(&self) -> bool {
         self.ips.iter().any(IpAddr::is_ipv4)
     }
+
+    /// For tests: a ready pod `name` in `default` at `ips` (its uid made from them), container
+    /// `app`, epmd on 4369, nothing else known.
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str, ips: &[&str]) -> PodTarget {
+        PodTarget {
+            name: name.into(),
+            namespace: "default".into(),
+            uid: format!("uid-{}", ips.join(",")),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            ready: true,
+            container: "app".into(),
+            epmd_port: DEFAULT_EPMD_PORT,
+            epmdless: false,
+            dist_port: None,
+            tls_dist: false,
+            spec_node_name: None,
+            hostname: None,
+            subdomain: None,
+        }
+    }
 }
 
 /// status.podIPs, else status.podIP; only valid addresses, podIP first, at most one per family
@@ -358,57 +379,42 @@ mod tests {
         assert_eq!(PodTarget::from_pod(&p, None).unwrap().dist_port, None);
     }
 
+    /// The node name the spec of a running pod with these containers gives.
+    fn spec_node_name(containers: serde_json::Value) -> Option<String> {
+        PodTarget::from_pod(&running(containers), None)
+            .unwrap()
+            .spec_node_name
+    }
+
     #[test]
     fn node_name_from_args_with_field_ref_expansion() {
-        let p = running(serde_json::json!([{"name": "app", "command": ["erl"],
+        let name = spec_node_name(serde_json::json!([{"name": "app", "command": ["erl"],
             "args": ["-name", "app@$(HOST)", "-setcookie", "x"],
             "env": [{"name": "HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]}]));
-        assert_eq!(
-            PodTarget::from_pod(&p, None)
-                .unwrap()
-                .spec_node_name
-                .as_deref(),
-            Some("app@10.244.0.5")
-        );
-        let p = running(
+        assert_eq!(name.as_deref(), Some("app@10.244.0.5"));
+        let name = spec_node_name(
             serde_json::json!([{"name": "app", "command": ["sh", "-c", "exec iex --sname web@$(POD_NAME) -S mix"],
             "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}]),
         );
-        assert_eq!(
-            PodTarget::from_pod(&p, None)
-                .unwrap()
-                .spec_node_name
-                .as_deref(),
-            Some("web@app-0")
-        );
-        let p = running(
+        assert_eq!(name.as_deref(), Some("web@app-0"));
+        let name = spec_node_name(
             serde_json::json!([{"name": "app", "env": [{"name": "ERL_AFLAGS", "value": "-name x@y.z -hidden"}]}]),
         );
-        assert_eq!(
-            PodTarget::from_pod(&p, None)
-                .unwrap()
-                .spec_node_name
-                .as_deref(),
-            Some("x@y.z")
-        );
-        let p = running(
+        assert_eq!(name.as_deref(), Some("x@y.z"));
+        let name = spec_node_name(
             serde_json::json!([{"name": "app", "env": [{"name": "RELEASE_NODE", "value": "shop"}, {"name": "RELEASE_DISTRIBUTION", "value": "sname"}]}]),
         );
-        assert_eq!(
-            PodTarget::from_pod(&p, None)
-                .unwrap()
-                .spec_node_name
-                .as_deref(),
-            Some("shop@app-0")
-        );
+        assert_eq!(name.as_deref(), Some("shop@app-0"));
         // Shell substitutions the spec leaves to `sh -c` are not a name (the node is asked).
         for script in [
             r#"exec erl -name "app@$(echo "$POD_IP" | tr . -).default.pod.cluster.local" -noshell"#,
             r#"dashed=$(echo $POD_IP | tr . -); exec erl -name "app@$dashed.default.pod.cluster.local""#,
             "exec erl -name app@`hostname -f` -noshell",
         ] {
-            let p = running(serde_json::json!([{"name": "app", "command": ["sh", "-c", script]}]));
-            assert_eq!(PodTarget::from_pod(&p, None).unwrap().spec_node_name, None, "{script}");
+            let name = spec_node_name(
+                serde_json::json!([{"name": "app", "command": ["sh", "-c", script]}]),
+            );
+            assert_eq!(name, None, "{script}");
         }
     }
 

@@ -250,22 +250,14 @@ impl PodTable {
 mod tests {
     use super::*;
 
-    fn target(name: &str, ips: &[&str]) -> PodTarget {
-        PodTarget {
-            name: name.into(),
-            namespace: "default".into(),
-            uid: format!("uid-{}", ips.join(",")),
-            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
-            ready: true,
-            container: "app".into(),
-            epmd_port: 4369,
-            epmdless: false,
-            dist_port: None,
-            tls_dist: false,
-            spec_node_name: None,
+    /// `name` (of StatefulSet `app`) is up at `ips`, forwarding `ports`.
+    fn set_up(t: &mut PodTable, name: &str, ips: &[&str], ports: &[u16], now: Instant) {
+        let target = PodTarget {
             hostname: Some(name.into()),
             subdomain: Some("app".into()),
-        }
+            ..PodTarget::for_test(name, ips)
+        };
+        t.set_up(name, target, ports.iter().copied().collect(), vec![], now);
     }
 
     fn listeners(pod: &str, port: u16, f: FamilyKey) -> Option<ListenerId> {
@@ -277,29 +269,11 @@ mod tests {
     fn a_moved_pod_keeps_its_old_ip_until_the_alias_expires_or_is_claimed() {
         let now = Instant::now();
         let mut t = PodTable::default();
-        t.set_up(
-            "app-0",
-            target("app-0", &["10.0.0.5"]),
-            [4369, 9000].into(),
-            vec![],
-            now,
-        );
-        t.set_up(
-            "app-1",
-            target("app-1", &["10.0.0.6"]),
-            [4369].into(),
-            vec![],
-            now,
-        );
+        set_up(&mut t, "app-0", &["10.0.0.5"], &[4369, 9000], now);
+        set_up(&mut t, "app-1", &["10.0.0.6"], &[4369], now);
         // app-0 moves to .7: the old address keeps redirecting to its forwards, after the new.
         t.set_down("app-0", "deleted".into(), now);
-        t.set_up(
-            "app-0",
-            target("app-0", &["10.0.0.7"]),
-            [4369, 9000].into(),
-            vec![],
-            now,
-        );
+        set_up(&mut t, "app-0", &["10.0.0.7"], &[4369, 9000], now);
         let pods = |rs: Vec<RedirectSpec>| rs.iter().map(|r| r.pod.to_string()).collect::<Vec<_>>();
         assert_eq!(
             pods(t.redirects(listeners, now)),
@@ -328,27 +302,9 @@ mod tests {
         );
         // Claimed by another pod of the session (IP reuse): the alias yields at once.
         let mut t2 = PodTable::default();
-        t2.set_up(
-            "app-0",
-            target("app-0", &["10.0.0.5"]),
-            [4369].into(),
-            vec![],
-            now,
-        );
-        t2.set_up(
-            "app-0",
-            target("app-0", &["10.0.0.7"]),
-            [4369].into(),
-            vec![],
-            now,
-        );
-        t2.set_up(
-            "app-1",
-            target("app-1", &["10.0.0.5"]),
-            [4369].into(),
-            vec![],
-            now,
-        );
+        set_up(&mut t2, "app-0", &["10.0.0.5"], &[4369], now);
+        set_up(&mut t2, "app-0", &["10.0.0.7"], &[4369], now);
+        set_up(&mut t2, "app-1", &["10.0.0.5"], &[4369], now);
         let r = t2.redirects(listeners, now);
         assert_eq!(
             r.iter()
@@ -364,11 +320,11 @@ mod tests {
     #[test]
     fn dual_stack_pods_are_redirected_in_both_families() {
         let mut t = PodTable::default();
-        t.set_up(
+        set_up(
+            &mut t,
             "app-0",
-            target("app-0", &["fd00::5", "10.0.0.5"]),
-            [4369].into(),
-            vec![],
+            &["fd00::5", "10.0.0.5"],
+            &[4369],
             Instant::now(),
         );
         let r = t.redirects(listeners, Instant::now());
@@ -382,13 +338,7 @@ mod tests {
     fn a_pod_that_is_down_has_no_redirects_and_its_names_only_for_a_while() {
         let now = Instant::now();
         let mut t = PodTable::default();
-        t.set_up(
-            "app-0",
-            target("app-0", &["10.0.0.5"]),
-            [4369].into(),
-            vec![],
-            now,
-        );
+        set_up(&mut t, "app-0", &["10.0.0.5"], &[4369], now);
         t.set_down(
             "app-0",
             "not running: its phase is Failed, not Running".into(),
@@ -415,22 +365,10 @@ mod tests {
         assert!(t.expire_aliases(later));
         assert!(ips(&t, now).is_empty());
         // Held names yield to a pod that is up at that address.
-        t.set_up(
-            "app-1",
-            target("app-1", &["10.0.0.9"]),
-            [4369].into(),
-            vec![],
-            now,
-        );
+        set_up(&mut t, "app-1", &["10.0.0.9"], &[4369], now);
         t.set_down("app-1", "deleted".into(), now);
         assert!(!ips(&t, now).is_empty());
-        t.set_up(
-            "app-2",
-            target("app-2", &["10.0.0.9"]),
-            [4369].into(),
-            vec![],
-            now,
-        );
+        set_up(&mut t, "app-2", &["10.0.0.9"], &[4369], now);
         let hosts = t.hosts("cluster.local", now);
         assert!(
             hosts
@@ -439,13 +377,7 @@ mod tests {
             "{hosts:?}"
         );
         // Back up at a new address: its names follow it at once.
-        t.set_up(
-            "app-1",
-            target("app-1", &["10.0.0.10"]),
-            [4369].into(),
-            vec![],
-            now,
-        );
+        set_up(&mut t, "app-1", &["10.0.0.10"], &[4369], now);
         let hosts = t.hosts("cluster.local", now);
         assert!(
             hosts
