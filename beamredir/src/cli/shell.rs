@@ -54,7 +54,7 @@ fn shell_help(arg: clap::Arg) -> clap::Arg {
         "dist_port" => {
             arg.help("The pods' Erlang distribution port, if neither the spec nor epmd tells it")
         }
-        "cluster_domain" => arg.help("The cluster's DNS domain"),
+        "cluster_domain" => arg.help("The cluster's DNS domain, for the local node's host names (rpc needs none)"),
         _ => arg,
     }
 }
