@@ -6,8 +6,8 @@
 //!   node's exact name, flags and creation without the cookie;
 //! * [`names`]: long vs short names, the local OTP version, argv for `erl`/`iex` remote shells
 //!   and `-eval` hidden nodes;
-//! * [`cookie`]: where the cookie comes from (file, environment, pod spec and its Secrets) and
-//!   an args file that hands it to `erl` without putting it in argv;
+//! * [`cookie`]: the cookie (never shown) and the private home that hands it to `erl` without
+//!   putting it in argv (where it comes from is [`crate::k8s::cookie`]);
 //! * [`dist`], [`etf`], [`rpc`]: an authenticated distribution connection over any stream, the
 //!   external term format (bounded), and evaluating an Erlang or Elixir expression through the
 //!   node's `rex` server.

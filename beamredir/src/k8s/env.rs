@@ -1,7 +1,7 @@
 //! A container's environment and command line as the kubelet builds them: literal values,
 //! downward-API fields, and `$(VAR)` expansion against the variables defined before.
 //! Values from Secrets and ConfigMaps are not read here (that needs permissions and is only
-//! done for the cookie, see [`crate::erlang::cookie`]).
+//! done for the cookie, see [`super::cookie`]).
 use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
@@ -17,7 +17,7 @@ pub enum Piece<'a> {
 
 /// Splits `s` for Kubernetes' `$(VAR)` expansion, in order: `$$` is `$`, `$(NAME)` a
 /// reference, any other `$` (an unclosed `$(` too) stays as written. The kubelet's rules; both
-/// [`expand`] and the cookie's lazy look-ups ([`crate::erlang::cookie`]) resolve these pieces.
+/// [`expand`] and the cookie's lazy look-ups ([`super::cookie`]) resolve these pieces.
 pub fn pieces(s: &str) -> impl Iterator<Item = Piece<'_>> {
     let mut rest = s;
     let mut pending = None;

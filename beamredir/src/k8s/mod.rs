@@ -9,11 +9,13 @@
 //! * [`env`]: a container's environment and command line as the kubelet builds them;
 //! * [`dns`]: the cluster DNS names of a pod, for every naming scheme;
 //! * [`portforward`]: port-forward streams through the API server;
-//! * [`secrets`]: reading a Secret or ConfigMap key (the cookie);
+//! * [`cookie`]: where a pod's node gets its cookie (the spec, its Secrets and ConfigMaps),
+//!   after `--cookie-file` and the user's own environment; [`secrets`]: reading one key;
 //! * [`authz`], [`error`]: what went wrong, and what to grant.
 pub mod authz;
 pub mod client;
 pub mod config;
+pub mod cookie;
 pub mod dns;
 pub mod env;
 pub mod error;

@@ -1,11 +1,11 @@
-//! The two reads cookie resolution may need ([`crate::erlang::cookie::KubeReads`]): one key of a
+//! The two reads cookie resolution may need ([`super::cookie::KubeReads`]): one key of a
 //! Secret or a ConfigMap. Only the named key's value leaves this module, and only to become a
 //! cookie; nothing is logged.
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
 
 use super::Cluster;
-use crate::erlang::cookie::{KubeReadError, KubeReads};
+use super::cookie::{KubeReadError, KubeReads};
 
 /// Reads through the session's cluster client (so with the user's own credentials).
 pub struct ClusterReads<'a>(pub &'a Cluster);

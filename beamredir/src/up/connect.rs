@@ -10,12 +10,16 @@ use serde::{Deserialize, Serialize};
 use super::{Up, discover::DistNode};
 use crate::{
     erlang::{
-        cookie::{self, CookieFile, Lookup},
+        cookie::CookieFile,
         handshake::TLS_FLAGS_HINT,
         names::{self, LocalNode, NodeCommand},
         rpc::RpcClient,
     },
-    k8s::{plugins, portforward, secrets::ClusterReads},
+    k8s::{
+        cookie::{self, Lookup},
+        plugins, portforward,
+        secrets::ClusterReads,
+    },
     privsep::messages::SessionCommand,
 };
 

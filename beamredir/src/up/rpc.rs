@@ -12,11 +12,15 @@ use super::{
     discover::discover,
 };
 use crate::{
-    erlang::{
+    erlang::rpc::{Language, RpcClient},
+    k8s::{
+        Cluster, K8sError, KubeArgs,
         cookie::{self, Lookup},
-        rpc::{Language, RpcClient},
+        lookup,
+        pod::PodTarget,
+        portforward,
+        secrets::ClusterReads,
     },
-    k8s::{Cluster, K8sError, KubeArgs, lookup, pod::PodTarget, portforward, secrets::ClusterReads},
 };
 
 /// Exit codes: 0 the expression's value was printed, 1 it raised, 2 it did not parse, 3
