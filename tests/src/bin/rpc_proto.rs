@@ -5,9 +5,9 @@
 //! `beamredir-rpc-proto ADDR:PORT --cookie-file FILE [--elixir] [--runtime] EXPR`
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use beamredir::erlang::{
-    cookie,
-    rpc::{Language, RpcClient},
+use beamredir::{
+    erlang::rpc::{Language, RpcClient},
+    k8s::cookie,
 };
 
 #[tokio::main(flavor = "current_thread")]
