@@ -293,8 +293,9 @@ fn local_node_gets_the_cookie_from_a_private_home_not_argv() -> Result<()> {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             let cmdline_text = String::from_utf8_lossy(&cmdline);
             // Pods of tests running alongside are started with -setcookie (they stand for the
-            // remote side); their home is a brpod-home directory.
-            if cmdline_text.contains("/brpod-home") {
+            // remote side). Their HOME is a brpod-home directory, which their children
+            // (erlexec, beam) inherit; argv alone does not show it for elixir's erlexec.
+            if runs_as_a_test_pod(&entry.path()) {
                 continue;
             }
             if cmdline_text.contains(COOKIE) {
@@ -307,6 +308,14 @@ fn local_node_gets_the_cookie_from_a_private_home_not_argv() -> Result<()> {
     assert_eq!(std::fs::read_to_string(file.path())?, format!("{COOKIE}\n"));
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(file.path())?.permissions()) & 0o777, 0o400);
     Ok(())
+}
+
+/// Whether the process at `proc_dir` (`/proc/PID`) is a test pod's node: its `HOME` is a
+/// brpod-home directory.
+fn runs_as_a_test_pod(proc_dir: &std::path::Path) -> bool {
+    std::fs::read(proc_dir.join("environ"))
+        .map(|env| env.split(|b| *b == 0).any(|var| var.starts_with(b"HOME=") && String::from_utf8_lossy(var).contains("/brpod-home")))
+        .unwrap_or(false)
 }
 
 /// `erl -remsh` with a dynamic hidden name and `iex --remsh` with a unique hidden name (argv
