@@ -3,9 +3,10 @@
  * `cargo xtask bench`'s tunnel benchmark (compiled by the bench with cc -O2 -pthread).
  *
  *   tunnel_bench server --port PORT
- *       Listens on 0.0.0.0:PORT (inside the pod); one thread per connection. Each connection
- *       starts with a 9-byte header, a mode byte and a u64 (little-endian) argument, and the
- *       server answers one byte 'R' before the measured part starts:
+ *       Listens on 0.0.0.0:PORT (inside the pod); one thread per connection. The server speaks
+ *       first: one byte 'R' as soon as it has accepted (a greeting, which `ttfb` times). Then
+ *       each connection sends a 9-byte header, a mode byte and a u64 (little-endian) argument,
+ *       and the measured part starts (clients wait for the 'R' after sending the header):
  *         's' COUNT  sink: read COUNT bytes, then answer the count received (u64 LE);
  *         'e' 0      echo: write back everything read, until EOF.
  *       The sink needs no half-close (a v4 port-forward cannot carry one): the count in the
@@ -19,6 +20,11 @@
  *   tunnel_bench rtt --target IP:PORT --count K [--size S] [--warmup W] [--timeout-s T]
  *       One connection (TCP_NODELAY) in echo mode: W untimed then K timed round trips of S
  *       bytes (write S, read S, check them); reports min/p50/p99/max/mean per round trip.
+ *
+ *   tunnel_bench ttfb --target IP:PORT --count K [--gap-ms G] [--timeout-s T]
+ *       K connections one after the other (G ms apart, default 0): each times connect() up to
+ *       the server's first byte (its 'R' greeting), then closes. Reports min/p50/p90/max/mean
+ *       and every sample (microseconds), plus the connect() call alone.
  *
  *   tunnel_bench hold --target IP:PORT --conns N [--timeout-s T]
  *       N echo connections, one 64-byte round trip each (so each is carried end to end),
@@ -71,6 +77,7 @@ static void usage(void) {
             "usage: tunnel_bench server --port PORT\n"
             "       tunnel_bench throughput --target IP:PORT --streams N --bytes TOTAL [--timeout-s T]\n"
             "       tunnel_bench rtt --target IP:PORT --count K [--size S] [--warmup W] [--timeout-s T]\n"
+            "       tunnel_bench ttfb --target IP:PORT --count K [--gap-ms G] [--timeout-s T]\n"
             "       tunnel_bench hold --target IP:PORT --conns N [--timeout-s T]\n"
             "       tunnel_bench relay --listen-port PORT --target IP:PORT [--target-netns PATH]\n");
     exit(2);
@@ -172,10 +179,11 @@ static void *serve_conn(void *arg) {
     unsigned char hdr[9];
     if (!buf) goto out;
     set_nodelay(fd);
+    /* The greeting first: a client that only connects sees the server's first byte at once. */
+    if (write_all(fd, "R", 1) < 0) goto out;
     if (read_all(fd, hdr, sizeof hdr) < 0) goto out;
     uint64_t count = 0;
     for (int i = 0; i < 8; i++) count |= (uint64_t)hdr[1 + i] << (8 * i);
-    if (write_all(fd, "R", 1) < 0) goto out;
     if (hdr[0] == 's') {
         uint64_t got = 0;
         while (got < count) {
@@ -398,6 +406,43 @@ static int cmd_rtt(struct sockaddr_in target, long count, long size, long warmup
     return 0;
 }
 
+static int cmd_ttfb(struct sockaddr_in target, long count, long gap_ms) {
+    int64_t *t = malloc(sizeof(int64_t) * (size_t)count), *c = malloc(sizeof(int64_t) * (size_t)count);
+    if (!t || !c) fail("out of memory");
+    for (long i = 0; i < count; i++) {
+        if (i > 0 && gap_ms > 0) {
+            struct timespec ts = {.tv_sec = gap_ms / 1000, .tv_nsec = (gap_ms % 1000) * 1000000L};
+            while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {}
+        }
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) die("socket");
+        struct timeval tv = {.tv_sec = timeout_s};
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        set_nodelay(fd);
+        char r;
+        int64_t a = now_ns();
+        if (connect(fd, (struct sockaddr *)&target, sizeof target) < 0) die("ttfb: connect");
+        int64_t b = now_ns();
+        if (read_all(fd, &r, 1) < 0) die("ttfb: waiting for the server's first byte");
+        int64_t e = now_ns();
+        if (r != 'R') fail("ttfb: the server's first byte is not 'R'");
+        close(fd);
+        t[i] = e - a;
+        c[i] = b - a;
+    }
+    printf("{\"mode\":\"ttfb\",\"count\":%ld,\"gap_ms\":%ld,\"samples_us\":[", count, gap_ms);
+    for (long i = 0; i < count; i++) printf("%s%.1f", i ? "," : "", (double)t[i] / 1e3);
+    double sum = 0;
+    for (long i = 0; i < count; i++) sum += (double)t[i];
+    qsort(t, (size_t)count, sizeof *t, cmp_i64);
+    qsort(c, (size_t)count, sizeof *c, cmp_i64);
+    printf("],\"min_ns\":%lld,\"p50_ns\":%lld,\"p90_ns\":%lld,\"max_ns\":%lld,\"mean_ns\":%.0f,"
+           "\"connect_p50_ns\":%lld}\n",
+           (long long)t[0], (long long)pct(t, count, 50), (long long)pct(t, count, 90), (long long)t[count - 1],
+           sum / (double)count, (long long)pct(c, count, 50));
+    return 0;
+}
+
 static int cmd_hold(struct sockaddr_in target, int conns) {
     int *fds = malloc(sizeof(int) * (size_t)conns);
     char out[64], in[64];
@@ -420,7 +465,7 @@ int main(int argc, char **argv) {
     if (argc < 2) usage();
     const char *mode = argv[1];
     const char *target_s = NULL, *netns = NULL;
-    long long port = -1, streams = 1, bytes = -1, count = -1, size = 64, warmup = 100, conns = -1;
+    long long port = -1, streams = 1, bytes = -1, count = -1, size = 64, warmup = 100, conns = -1, gap_ms = 0;
     for (int i = 2; i < argc; i++) {
         if (i + 1 >= argc) usage();
         const char *k = argv[i], *v = argv[++i];
@@ -433,6 +478,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--size")) size = parse_ll(v, 1, MAX_SIZE);
         else if (!strcmp(k, "--warmup")) warmup = parse_ll(v, 0, MAX_COUNT);
         else if (!strcmp(k, "--conns")) conns = parse_ll(v, 1, 10000);
+        else if (!strcmp(k, "--gap-ms")) gap_ms = parse_ll(v, 0, 60000);
         else if (!strcmp(k, "--timeout-s")) timeout_s = (int)parse_ll(v, 1, 3600);
         else usage();
     }
@@ -447,7 +493,8 @@ int main(int argc, char **argv) {
     }
     if (!target_s) usage();
     struct sockaddr_in target = parse_addr(target_s);
-    alarm((unsigned)timeout_s + 10); /* the whole run is bounded, whatever happens */
+    /* The whole run is bounded, whatever happens (ttfb: every connection may take the timeout). */
+    alarm((unsigned)timeout_s + 10 + (!strcmp(mode, "ttfb") && count > 0 ? (unsigned)(count * (gap_ms / 1000 + 1)) : 0));
     if (!strcmp(mode, "throughput")) {
         if (bytes < streams) usage();
         return cmd_throughput(target, (int)streams, bytes);
@@ -455,6 +502,10 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "rtt")) {
         if (count < 1) usage();
         return cmd_rtt(target, count, size, warmup);
+    }
+    if (!strcmp(mode, "ttfb")) {
+        if (count < 1) usage();
+        return cmd_ttfb(target, count, gap_ms);
     }
     if (!strcmp(mode, "hold")) {
         if (conns < 1) usage();
