@@ -27,6 +27,8 @@ pub struct KubeArgs {
 #[derive(Clone)]
 pub struct Cluster {
     pub client: kube::Client,
+    /// Connections to the API server kept ready for port-forwards (see [`super::client`]).
+    pub spares: super::client::Spares,
     pub namespace: String,
     /// The API server URL, for messages.
     pub url: String,
@@ -137,12 +139,13 @@ impl Cluster {
                 None => s,
             }
         });
-        let client = super::client::client(&config).map_err(|e| match e {
+        let (client, spares) = super::client::client(&config).map_err(|e| match e {
             K8sError::Kubeconfig(reason) => transport(&std::io::Error::other(reason), &url),
             other => other,
         })?;
         Ok(Cluster {
             client,
+            spares,
             namespace,
             url,
             source,
