@@ -8,7 +8,8 @@
 //!   `NO_PROXY` matches): an HTTP CONNECT tunnel, over TLS for an `https://` proxy;
 //! * spare connections ([`Spares`]): while port-forwards are being opened, a couple of
 //!   connections to the API server are kept ready, TCP and TLS handshakes done, so the next
-//!   port-forward's upgrade starts at once instead of after two or three round trips.
+//!   port-forward's upgrade starts at once instead of after two or three round trips;
+//! * reads of [`READ_AHEAD`] bytes under TLS ([`ReadAhead`]), not rustls's 4 KiB steps.
 use std::{
     future::Future,
     os::fd::AsRawFd,
@@ -114,10 +115,10 @@ impl Spares {
     }
 }
 
-/// `BEAMREDIR_SPARE_CONNECTIONS=N` (0 turns them off; for benchmarks and for API servers
-/// that must not see idle connections).
+/// `BEAMREDIR_NET_SPARE_CONNECTIONS=N` (the prefix passes to the network part; 0 turns them
+/// off: for benchmarks, and for API servers that must not see idle connections).
 fn spares_wanted() -> usize {
-    std::env::var("BEAMREDIR_SPARE_CONNECTIONS")
+    std::env::var("BEAMREDIR_NET_SPARE_CONNECTIONS")
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .map_or(SPARES, |n: usize| n.min(16))
@@ -149,6 +150,135 @@ impl<T: Liveness> Liveness for hyper_rustls::MaybeHttpsStream<T> {
             Self::Http(s) => s.is_closed(),
             Self::Https(s) => s.inner().get_ref().0.inner().is_closed(),
         }
+    }
+}
+
+/// What one read(2) of an API-server connection may return. rustls asks its transport for at
+/// most 4 KiB at a time (its deframer grows by that step), so a 16 KiB TLS record took four
+/// or five reads and a 64 KiB message sixteen; reading ahead makes it one per 32 KiB.
+const READ_AHEAD: usize = 32 * 1024;
+
+/// The TCP connection under TLS, read [`READ_AHEAD`] bytes at a time. The buffer exists only
+/// while the connection has data: it is freed when a read finds nothing (an idle connection
+/// holds none, so a hundred open forwards cost no more memory than before).
+pub struct ReadAhead<T> {
+    inner: T,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<T> ReadAhead<T> {
+    fn new(inner: T) -> Self {
+        ReadAhead {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for ReadAhead<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut out: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos == this.buf.len() {
+            this.buf.clear();
+            this.pos = 0;
+            if out.remaining() >= READ_AHEAD {
+                // A large read gains nothing from the buffer.
+                return Pin::new(&mut this.inner).poll_read(cx, out);
+            }
+            this.buf.reserve_exact(READ_AHEAD);
+            let mut rb =
+                hyper::rt::ReadBuf::uninit(&mut this.buf.spare_capacity_mut()[..READ_AHEAD]);
+            match Pin::new(&mut this.inner).poll_read(cx, rb.unfilled()) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    // SAFETY: the inner read initialised the first n bytes of the spare capacity.
+                    unsafe { this.buf.set_len(n) };
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    this.buf = Vec::new();
+                    return Poll::Pending;
+                }
+            }
+        }
+        let n = out.remaining().min(this.buf.len() - this.pos);
+        out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for ReadAhead<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: hyper_util::client::legacy::connect::Connection>
+    hyper_util::client::legacy::connect::Connection for ReadAhead<T>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected()
+    }
+}
+
+impl<T: Liveness> Liveness for ReadAhead<T> {
+    fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+}
+
+/// A connector whose connections are [`ReadAhead`]s.
+#[derive(Clone)]
+struct ReadAheadConnector<C>(C);
+
+impl<C> Service<Uri> for ReadAheadConnector<C>
+where
+    C: Service<Uri>,
+    C::Future: Send + 'static,
+    C::Response: Send + 'static,
+{
+    type Response = ReadAhead<C::Response>;
+    type Error = C::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<ReadAhead<C::Response>, C::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move { connecting.await.map(ReadAhead::new) })
     }
 }
 
@@ -438,9 +568,9 @@ where
 /// A client for `config`, through the proxy kube chose, if any, and its spare connections.
 pub fn client(config: &kube::Config) -> Result<(kube::Client, Spares), K8sError> {
     match &config.proxy_url {
-        None => build(config, tcp_connector()),
+        None => build(config, ReadAheadConnector(tcp_connector())),
         Some(proxy) if proxy.scheme_str() == Some("http") => {
-            let mut tunnel = Tunnel::new(proxy.clone(), tcp_connector());
+            let mut tunnel = Tunnel::new(proxy.clone(), ReadAheadConnector(tcp_connector()));
             if let Some(auth) = proxy_auth(proxy) {
                 tunnel = tunnel.with_auth(auth);
             }
@@ -449,7 +579,7 @@ pub fn client(config: &kube::Config) -> Result<(kube::Client, Spares), K8sError>
         Some(proxy) if proxy.scheme_str() == Some("https") => {
             // TLS to the proxy, then CONNECT, then TLS to the API server inside.
             let to_proxy = config
-                .rustls_https_connector_with_connector(tcp_connector())
+                .rustls_https_connector_with_connector(ReadAheadConnector(tcp_connector()))
                 .map_err(|e| K8sError::Kubeconfig(chain(&e)))?;
             let mut tunnel = Tunnel::new(proxy.clone(), to_proxy);
             if let Some(auth) = proxy_auth(proxy) {
@@ -632,6 +762,63 @@ mod tests {
         drop(theirs);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(ours.is_closed());
+    }
+
+    /// Hands out `data` at most `per_read` bytes per read, then Pending; counts reads.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        per_read: usize,
+        reads: usize,
+    }
+
+    impl hyper::rt::Read for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            mut out: hyper::rt::ReadBufCursor<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            if this.pos == this.data.len() {
+                return Poll::Pending;
+            }
+            this.reads += 1;
+            let n = out
+                .remaining()
+                .min(this.per_read)
+                .min(this.data.len() - this.pos);
+            out.put_slice(&this.data[this.pos..this.pos + n]);
+            this.pos += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn read_ahead_serves_small_reads_from_one_large_one_and_frees_its_buffer_when_idle() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let inner = Trickle {
+            data: data.clone(),
+            pos: 0,
+            per_read: usize::MAX,
+            reads: 0,
+        };
+        let mut ra = ReadAhead::new(inner);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut got = Vec::new();
+        loop {
+            // What rustls asks for: 4 KiB at a time.
+            let mut chunk = [0u8; 4096];
+            let mut rb = hyper::rt::ReadBuf::new(&mut chunk);
+            match hyper::rt::Read::poll_read(Pin::new(&mut ra), &mut cx, rb.unfilled()) {
+                Poll::Ready(Ok(())) => got.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(e)) => panic!("{e}"),
+                Poll::Pending => break,
+            }
+        }
+        assert_eq!(got, data);
+        // 100 000 bytes in 32 KiB reads: 4, where 4 KiB reads took 25.
+        assert_eq!(ra.inner.reads, 100_000usize.div_ceil(READ_AHEAD));
+        assert_eq!(ra.buf.capacity(), 0, "an idle connection holds no buffer");
     }
 
     #[test]
