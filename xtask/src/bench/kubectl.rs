@@ -353,7 +353,7 @@ pub fn verdict(r: &Results) -> String {
         "Target, beamredir at least as fast as the kubectl recipe on every figure at every RTT: {}{}. Target, a warm connection's first byte within {TARGET_TTFB_RTTS} RTT of `connect()`: {} ({}).",
         met(losses.is_empty()),
         if losses.is_empty() { String::new() } else { format!(" (slower: {})", losses.join(", ")) },
-        met(!ttfb.is_empty() && ttfb.iter().all(|&(_, x)| x <= TARGET_TTFB_RTTS)),
+        if ttfb.is_empty() { "not measured (no RTT above 0)" } else { met(ttfb.iter().all(|&(_, x)| x <= TARGET_TTFB_RTTS)) },
         ttfb.iter().map(|(rtt, x)| format!("{x:.2} RTT at {rtt} ms")).collect::<Vec<_>>().join(", "),
     );
     if r.config.smoke {
@@ -371,7 +371,7 @@ pub fn markdown(r: &Results, svg_latency: &str, svg_throughput: &str) -> String 
          more (its TCP handshake). *beamredir up*: `beamredir up --pod tunnel-0 --pod erl-0`, clients started in the \
          session. *kubectl recipe*: `kubectl port-forward` for each pod plus a DNAT rule per port, a route to the pod \
          IP and `route_localnet=1`, clients dialling the pod IP. *no spare connections*: beamredir with \
-         `BEAMREDIR_SPARE_CONNECTIONS=0`, i.e. without the API-server connections it opens ahead of need (what every \
+         `BEAMREDIR_NET_SPARE_CONNECTIONS=0`, i.e. without the API-server connections it opens ahead of need (what every \
          forwarded connection cost before). First byte: `connect()` to the tunnel pod's server, which greets as it \
          accepts, until that byte arrives. Ping: a fresh hidden node `bench@127.0.0.1` pings `app@POD_IP` (epmd lookup, \
          distribution connection and handshake). rpc: `rpc:call(Node, erlang, node, [])` on that connection. \

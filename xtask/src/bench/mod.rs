@@ -181,7 +181,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let results = tunnel::run(&config, &bed)?;
             sections.push(tunnel::markdown(&results));
             json_parts.push(("tunnel", tunnel::json(&results)));
-            console.push(format!("{}\n{}", tunnel::markdown_table(&results), tunnel::verdict(&results)));
+            console.push(format!("{}\n{}\n\nCPU seconds per GiB:\n{}", tunnel::markdown_table(&results), tunnel::verdict(&results), tunnel::cpu_table(&results)));
         }
         if args.wants("erlang") {
             let config = erlang::Config::new(&args);

@@ -194,6 +194,7 @@ impl Drop for UpSession {
 /// A long-running helper (a relay) that prints one JSON line when ready. Killed on drop.
 pub struct Helper {
     pub ready: Value,
+    pub pid: u32,
     _proc: Proc,
 }
 
@@ -216,7 +217,7 @@ impl Helper {
             format!("{cmd:?} said {line:?} {}", err.join(" "))
         })?;
         ensure!(ready["ready"] == true, "{cmd:?} said {ready}");
-        Ok(Helper { ready, _proc: proc })
+        Ok(Helper { ready, pid: proc.0.id(), _proc: proc })
     }
 }
 
@@ -322,7 +323,7 @@ pub fn run_client(cmd: &mut Command, timeout: Duration) -> Result<Value> {
 pub enum Tool {
     /// `beamredir up --pod tunnel-0 --pod erl-0`.
     Beamredir,
-    /// The same with `BEAMREDIR_SPARE_CONNECTIONS=0`: no API-server connections made ahead of
+    /// The same with `BEAMREDIR_NET_SPARE_CONNECTIONS=0`: no API-server connections made ahead of
     /// need (what every forwarded connection cost before they existed).
     BeamredirNoSpares,
     /// The seed recipe: `kubectl port-forward` + iptables DNAT + route + route_localnet, for
@@ -379,7 +380,7 @@ impl Link {
         let mut link = Link { tool, rtt, session: None, recipes: Vec::new(), _relay: relay, kubeconfig, _files: files, ns };
         match tool {
             Tool::Beamredir | Tool::BeamredirNoSpares => {
-                let env: &[(&str, &str)] = if tool == Tool::BeamredirNoSpares { &[("BEAMREDIR_SPARE_CONNECTIONS", "0")] } else { &[] };
+                let env: &[(&str, &str)] = if tool == Tool::BeamredirNoSpares { &[("BEAMREDIR_NET_SPARE_CONNECTIONS", "0")] } else { &[] };
                 let mut session = UpSession::start_at(&link.ns.path(), &link.kubeconfig, &bed.beamredir, &[TUNNEL_POD, ERL_POD], false, env)?;
                 session.wait_up(Duration::from_secs(60))?;
                 link.session = Some(session);
@@ -447,4 +448,33 @@ pub fn start_links(bed: &Bed, tools: &[Tool], rtts: &[Duration]) -> Result<Vec<L
     }
     println!("  {} workstations with delay relays ready in {:.1} s", links.len(), t.elapsed().as_secs_f64());
     Ok(links)
+}
+
+/// CPU time (user + system, in clock ticks) a process and all its descendants used so far,
+/// threads that ended included (/proc/PID/stat utime and stime count them); 0 if it is gone.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command (which may hold spaces) in parentheses.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    let children: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
+        .map(cpu_ticks)
+        .sum();
+    own + children
+}
+
+/// Clock ticks per second (USER_HZ).
+pub fn ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
 }
