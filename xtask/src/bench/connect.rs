@@ -1091,7 +1091,11 @@ pub fn plot(r: &Results, measure: Measure, machine: &Machine) -> String {
                 Case::Iptables => ("#d1341f", Marker::Triangle),
             };
             series.push(Series {
-                name: format!("{}, {}", case.label(), if family == Family::V4 { "IPv4" } else { "IPv6" }),
+                name: format!(
+                    "{}, {}",
+                    if case == Case::Iptables { "iptables DNAT" } else { case.label() },
+                    if family == Family::V4 { "IPv4" } else { "IPv6" }
+                ),
                 color,
                 dash: if family == Family::V6 { Some("7 4") } else { None },
                 marker,

@@ -410,6 +410,15 @@ pub fn json(r: &Results) -> Value {
     })
 }
 
+/// A tool's name in a legend (which has room for about 30 characters).
+fn short_label(t: Tool) -> &'static str {
+    match t {
+        Tool::Beamredir => "beamredir",
+        Tool::BeamredirNoSpares => "beamredir, no spares",
+        Tool::Kubectl => "kubectl recipe",
+    }
+}
+
 fn tool_style(t: Tool) -> Option<&'static str> {
     match t {
         Tool::Beamredir => None,
@@ -435,7 +444,7 @@ pub fn plot_latency(r: &Results, machine: &Machine) -> String {
     for (f, color, marker) in [(Figure::Ttfb, "#1f6fd1", Marker::Square), (Figure::Ping, "#d1341f", Marker::Triangle), (Figure::Rpc, "#2a9d3a", Marker::Circle)] {
         for &t in &r.config.tools {
             series.push(Series {
-                name: format!("{}: {}", f.key().replace('_', " "), t.label().replace("beamredir up, ", "")),
+                name: format!("{}: {}", f.key().replace('_', " "), short_label(t)),
                 color,
                 dash: tool_style(t),
                 marker,
@@ -468,7 +477,7 @@ pub fn plot_throughput(r: &Results, machine: &Machine) -> String {
     for (f, color, marker) in [(Figure::Stream1, "#1f6fd1", Marker::Square), (Figure::Streams16, "#7a3fb0", Marker::Diamond)] {
         for &t in &r.config.tools {
             series.push(Series {
-                name: format!("{}: {}", if f == Figure::Stream1 { "1 stream" } else { "16 streams" }, t.label().replace("beamredir up, ", "")),
+                name: format!("{}: {}", if f == Figure::Stream1 { "1 stream" } else { "16 streams" }, short_label(t)),
                 color,
                 dash: tool_style(t),
                 marker,
