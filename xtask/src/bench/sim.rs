@@ -164,17 +164,39 @@ impl UpSession {
         all.as_array()?.iter().find(|s| s["name"] == self.name.as_str()).cloned()
     }
 
-    /// (VmRSS, VmHWM) of the beamredir process, in KiB.
+    /// (VmRSS, VmHWM) of beamredir, in KiB: summed over the `up` process and its children (the
+    /// unprivileged network part, which holds the forwards, and the reaper). The peak is the
+    /// sum of each process's own peak (an upper bound of the peak of the sum).
     pub fn memory_kib(&self) -> Result<(u64, u64)> {
         let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.pid)).unwrap_or_default();
         ensure!(comm.trim() == "beamredir", "process {} is {:?}, not beamredir", self.pid, comm.trim());
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        let field = |name: &str| -> Result<u64> {
-            let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in /proc/PID/status"))?;
-            Ok(line.split_whitespace().nth(1).context("malformed")?.parse()?)
-        };
-        Ok((field("VmRSS:")?, field("VmHWM:")?))
+        let (mut rss, mut hwm) = (0, 0);
+        for pid in process_tree(self.pid) {
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+            let field = |name: &str| -> u64 {
+                status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+            };
+            rss += field("VmRSS:");
+            hwm += field("VmHWM:");
+        }
+        Ok((rss, hwm))
     }
+}
+
+/// A process and its descendants (from /proc/PID/task/*/children).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        for task in std::fs::read_dir(format!("/proc/{p}/task")).into_iter().flatten().flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                all.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            }
+        }
+        i += 1;
+    }
+    all
 }
 
 impl Drop for UpSession {

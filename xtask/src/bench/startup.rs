@@ -5,9 +5,10 @@
 //! forwards listen), split by the API server's audit log, polled every millisecond in this
 //! process: when the pod GET arrived (start-up before the lookup: process start, kubeconfig,
 //! TLS), and from there to the banner (the lookup's answer, the epmd probe through a
-//! port-forward, loading and attaching the eBPF programs, the forwards). Then the beamredir
-//! process's VmRSS, idle, and while a client in the session holds 100 connections open through
-//! the tunnel's forward (each carried end to end: one echo round trip each).
+//! port-forward, loading and attaching the eBPF programs, the forwards). Then beamredir's VmRSS
+//! (the `up` process and its children: the network part holds the forwards), idle, and while a
+//! client in the session holds 100 connections open through the tunnel's forward (each carried
+//! end to end: one echo round trip each).
 use std::{
     fmt::Write as _,
     process::Stdio,
@@ -265,7 +266,9 @@ pub fn markdown(r: &Results) -> String {
          attached and the forwards listen). The pod GET's arrival at the simulated API server (its audit log, polled \
          every ms in the bench process) splits it: before it, process start, kubeconfig and the TLS connection; after \
          it, the lookup's answer, the epmd probe (one NAMES round trip through a port-forward), loading and attaching \
-         the eBPF programs, and the listeners. Memory: VmRSS of the beamredir process from /proc.\n\n",
+         the eBPF programs, and the listeners. Memory: VmRSS from /proc, summed over beamredir's processes (the \
+         `up` process, its unprivileged network part, which holds the forwards and their connections, and the \
+         reaper); the peak is the sum of each one's VmHWM.\n\n",
     );
     s.push_str(&markdown_table(r));
     s.push('\n');
