@@ -164,23 +164,37 @@ impl UpSession {
         all.as_array()?.iter().find(|s| s["name"] == self.name.as_str()).cloned()
     }
 
-    /// (VmRSS, VmHWM) of beamredir, in KiB: summed over the `up` process and its children (the
-    /// unprivileged network part, which holds the forwards, and the reaper). The peak is the
-    /// sum of each process's own peak (an upper bound of the peak of the sum).
-    pub fn memory_kib(&self) -> Result<(u64, u64)> {
+    /// beamredir's memory in KiB, summed over the `up` process and its children (the
+    /// unprivileged network part, which holds the forwards, and the reaper): (Pss, Pss_Anon,
+    /// VmRSS, VmHWM). Pss shares each page among the processes that map it (the three map the
+    /// same binary), so its sum is what beamredir costs the machine; the VmRSS sum counts the
+    /// shared pages three times. The peak is the sum of each process's own (an upper bound).
+    pub fn memory_kib(&self) -> Result<Memory> {
         let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.pid)).unwrap_or_default();
         ensure!(comm.trim() == "beamredir", "process {} is {:?}, not beamredir", self.pid, comm.trim());
-        let (mut rss, mut hwm) = (0, 0);
+        let mut m = Memory::default();
+        let field = |text: &str, name: &str| -> u64 {
+            text.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+        };
         for pid in process_tree(self.pid) {
-            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
-            let field = |name: &str| -> u64 {
-                status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
-            };
-            rss += field("VmRSS:");
-            hwm += field("VmHWM:");
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+            m.pss += field(&rollup, "Pss:");
+            m.pss_anon += field(&rollup, "Pss_Anon:");
+            m.rss += field(&status, "VmRSS:");
+            m.hwm += field(&status, "VmHWM:");
         }
-        Ok((rss, hwm))
+        Ok(m)
     }
+}
+
+/// See [`UpSession::memory_kib`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory {
+    pub pss: u64,
+    pub pss_anon: u64,
+    pub rss: u64,
+    pub hwm: u64,
 }
 
 /// A process and its descendants (from /proc/PID/task/*/children).
