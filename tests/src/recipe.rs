@@ -8,6 +8,7 @@
 //!   workstation namespace (they are per namespace), all undone on drop.
 use std::{
     io::Read,
+    path::Path,
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     process::{Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
@@ -17,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::{Proc, cluster::SimCluster, run, wait_until};
+use crate::{Netns, Proc, cluster::SimCluster, run, wait_until};
 
 /// Stands in for a workstation's LAN address (TEST-NET-1: documentation only, never routed;
 /// it only ever exists on the namespace's loopback).
@@ -34,7 +35,14 @@ pub struct PortForward {
 impl PortForward {
     /// Starts the forward and waits until kubectl listens on every local port.
     pub fn start(cluster: &SimCluster, pod: &str, ports: &[(u16, u16)], env: &[(&str, &str)]) -> Result<Self> {
-        let mut cmd = cluster.kubectl(&cluster.kubeconfig);
+        Self::start_at(&cluster.ws, &cluster.kubeconfig, pod, ports, env)
+    }
+
+    /// [`PortForward::start`] in another workstation namespace, with another kubeconfig (e.g.
+    /// one whose API server is reached through a delay relay).
+    pub fn start_at(ws: &Netns, kubeconfig: &Path, pod: &str, ports: &[(u16, u16)], env: &[(&str, &str)]) -> Result<Self> {
+        let mut cmd = ws.command("kubectl");
+        cmd.arg("--kubeconfig").arg(kubeconfig);
         cmd.args(["port-forward", &format!("pod/{pod}")]).args(ports.iter().map(|(l, p)| format!("{l}:{p}")));
         cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().context("starting kubectl port-forward")?;
@@ -97,7 +105,12 @@ impl PortForward {
 
 /// `n` distinct free ports on 127.0.0.1 in the workstation namespace.
 pub fn free_local_ports(cluster: &SimCluster, n: usize) -> Result<Vec<u16>> {
-    cluster.ws.in_ns(move || -> std::io::Result<Vec<u16>> {
+    free_local_ports_in(&cluster.ws, n)
+}
+
+/// `n` distinct free ports on 127.0.0.1 in namespace `ws`.
+pub fn free_local_ports_in(ws: &Netns, n: usize) -> Result<Vec<u16>> {
+    ws.in_ns(move || -> std::io::Result<Vec<u16>> {
         // Held together until all are picked, so they differ.
         let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0))).collect::<Result<_, _>>()?;
         listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
@@ -154,11 +167,19 @@ impl KubectlRecipe {
     /// Sets the recipe up for `pod_ports` of `pod` in the workstation namespace and waits until
     /// the forward is ready. Whatever was set up is undone if a later step fails.
     pub fn start(cluster: &SimCluster, pod: &str, pod_ports: &[u16]) -> Result<Self> {
+        Self::start_at(cluster, &cluster.ws, &cluster.kubeconfig, pod, pod_ports)
+    }
+
+    /// [`KubectlRecipe::start`] in another workstation namespace `ws` (the rules, route and
+    /// sysctl go there), with another kubeconfig: e.g. several recipes side by side, each
+    /// reaching the API server through its own delay relay. Several recipes (for different
+    /// pods) may share a namespace if they are dropped newest first.
+    pub fn start_at(cluster: &SimCluster, ws: &Netns, kubeconfig: &Path, pod: &str, pod_ports: &[u16]) -> Result<Self> {
         let pod_ip = cluster.pod_ip(pod).with_context(|| format!("pod {pod} has no IP"))?;
-        let mut recipe = KubectlRecipe { forward: None, ws: cluster.ws.path(), pod: pod.into(), pod_ip, undo: Vec::new() };
-        let locals = free_local_ports(cluster, pod_ports.len())?;
+        let mut recipe = KubectlRecipe { forward: None, ws: ws.path(), pod: pod.into(), pod_ip, undo: Vec::new() };
+        let locals = free_local_ports_in(ws, pod_ports.len())?;
         let ports: Vec<(u16, u16)> = locals.into_iter().zip(pod_ports.iter().copied()).collect();
-        recipe.forward = Some(PortForward::start(cluster, pod, &ports, &[])?);
+        recipe.forward = Some(PortForward::start_at(ws, kubeconfig, pod, &ports, &[])?);
         let global = recipe.run(&["ip", "-4", "-o", "addr", "show", "scope", "global"])?.stdout;
         if global.is_empty() {
             let addr = format!("{WORKSTATION_ADDR}/32");

@@ -3,22 +3,31 @@
  * `cargo xtask bench`'s tunnel benchmark (compiled by the bench with cc -O2 -pthread).
  *
  *   tunnel_bench server --port PORT
- *       Listens on 0.0.0.0:PORT (inside the pod); one thread per connection. Each connection
- *       starts with a 9-byte header, a mode byte and a u64 (little-endian) argument, and the
- *       server answers one byte 'R' before the measured part starts:
+ *       Listens on 0.0.0.0:PORT (inside the pod); one thread per connection. The server speaks
+ *       first: one byte 'R' as soon as it has accepted (a greeting, which `ttfb` times). Then
+ *       each connection sends a 9-byte header, a mode byte and a u64 (little-endian) argument,
+ *       and the measured part starts (clients wait for the 'R' after sending the header):
  *         's' COUNT  sink: read COUNT bytes, then answer the count received (u64 LE);
- *         'e' 0      echo: write back everything read, until EOF.
+ *         'e' 0      echo: write back everything read, until EOF;
+ *         'o' COUNT  source: write COUNT bytes, then wait for the client to close.
  *       The sink needs no half-close (a v4 port-forward cannot carry one): the count in the
  *       header says when the data is complete.
  *
- *   tunnel_bench throughput --target IP:PORT --streams N --bytes TOTAL [--timeout-s T]
+ *   tunnel_bench throughput --target IP:PORT --streams N --bytes TOTAL [--from-pod 1] [--timeout-s T]
  *       N connections in sink mode, each sending TOTAL/N bytes from its own thread in 128 KiB
  *       writes. Timed from the moment every stream has its 'R' until the last stream has its
- *       count back (so the data has reached the server, not just a local buffer).
+ *       count back (so the data has reached the server, not just a local buffer). With
+ *       --from-pod 1, in source mode instead: the server sends, each stream's thread reads its
+ *       share, timed until the last byte arrived. Reports the process's CPU time too.
  *
  *   tunnel_bench rtt --target IP:PORT --count K [--size S] [--warmup W] [--timeout-s T]
  *       One connection (TCP_NODELAY) in echo mode: W untimed then K timed round trips of S
  *       bytes (write S, read S, check them); reports min/p50/p99/max/mean per round trip.
+ *
+ *   tunnel_bench ttfb --target IP:PORT --count K [--gap-ms G] [--timeout-s T]
+ *       K connections one after the other (G ms apart, default 0): each times connect() up to
+ *       the server's first byte (its 'R' greeting), then closes. Reports min/p50/p90/max/mean
+ *       and every sample (microseconds), plus the connect() call alone.
  *
  *   tunnel_bench hold --target IP:PORT --conns N [--timeout-s T]
  *       N echo connections, one 64-byte round trip each (so each is carried end to end),
@@ -47,6 +56,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -69,8 +79,9 @@ static void fail(const char *what) {
 static void usage(void) {
     fprintf(stderr,
             "usage: tunnel_bench server --port PORT\n"
-            "       tunnel_bench throughput --target IP:PORT --streams N --bytes TOTAL [--timeout-s T]\n"
+            "       tunnel_bench throughput --target IP:PORT --streams N --bytes TOTAL [--from-pod 1] [--timeout-s T]\n"
             "       tunnel_bench rtt --target IP:PORT --count K [--size S] [--warmup W] [--timeout-s T]\n"
+            "       tunnel_bench ttfb --target IP:PORT --count K [--gap-ms G] [--timeout-s T]\n"
             "       tunnel_bench hold --target IP:PORT --conns N [--timeout-s T]\n"
             "       tunnel_bench relay --listen-port PORT --target IP:PORT [--target-netns PATH]\n");
     exit(2);
@@ -172,10 +183,11 @@ static void *serve_conn(void *arg) {
     unsigned char hdr[9];
     if (!buf) goto out;
     set_nodelay(fd);
+    /* The greeting first: a client that only connects sees the server's first byte at once. */
+    if (write_all(fd, "R", 1) < 0) goto out;
     if (read_all(fd, hdr, sizeof hdr) < 0) goto out;
     uint64_t count = 0;
     for (int i = 0; i < 8; i++) count |= (uint64_t)hdr[1 + i] << (8 * i);
-    if (write_all(fd, "R", 1) < 0) goto out;
     if (hdr[0] == 's') {
         uint64_t got = 0;
         while (got < count) {
@@ -189,6 +201,15 @@ static void *serve_conn(void *arg) {
         for (int i = 0; i < 8; i++) ack[i] = (unsigned char)(got >> (8 * i));
         write_all(fd, ack, sizeof ack);
         /* Wait for the client to close first (its EOF, or an error). */
+        while (read(fd, buf, CHUNK) > 0) {}
+    } else if (hdr[0] == 'o') {
+        memset(buf, 0x3c, CHUNK);
+        uint64_t left = count;
+        while (left > 0) {
+            size_t n = left < CHUNK ? (size_t)left : CHUNK;
+            if (write_all(fd, buf, n) < 0) break;
+            left -= n;
+        }
         while (read(fd, buf, CHUNK) > 0) {}
     } else if (hdr[0] == 'e') {
         for (;;) {
@@ -342,18 +363,34 @@ out:
     return NULL;
 }
 
-static int cmd_throughput(struct sockaddr_in target, int streams, long long total) {
+static void *recv_stream(void *arg) {
+    struct stream *s = arg;
+    char *buf = malloc(CHUNK);
+    if (!buf) fail("out of memory");
+    pthread_barrier_wait(&start_barrier);
+    while (s->acked < s->bytes) {
+        ssize_t n = read(s->fd, buf, CHUNK);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        s->acked += (uint64_t)n;
+    }
+    s->ok = s->acked == s->bytes;
+    free(buf);
+    return NULL;
+}
+
+static int cmd_throughput(struct sockaddr_in target, int streams, long long total, int from_pod) {
     static struct stream ss[MAX_STREAMS];
     pthread_t threads[MAX_STREAMS];
     int64_t t0 = now_ns();
     for (int i = 0; i < streams; i++) {
         ss[i].bytes = (uint64_t)(total / streams + (i < total % streams ? 1 : 0));
-        ss[i].fd = open_stream(target, 's', ss[i].bytes);
+        ss[i].fd = open_stream(target, from_pod ? 'o' : 's', ss[i].bytes);
     }
     int64_t connected = now_ns();
     pthread_barrier_init(&start_barrier, NULL, (unsigned)streams + 1);
     for (int i = 0; i < streams; i++)
-        if (pthread_create(&threads[i], NULL, send_stream, &ss[i]) != 0) fail("pthread_create failed");
+        if (pthread_create(&threads[i], NULL, from_pod ? recv_stream : send_stream, &ss[i]) != 0) fail("pthread_create failed");
     pthread_barrier_wait(&start_barrier);
     int64_t start = now_ns();
     for (int i = 0; i < streams; i++) pthread_join(threads[i], NULL);
@@ -367,9 +404,13 @@ static int cmd_throughput(struct sockaddr_in target, int streams, long long tota
         close(ss[i].fd);
     }
     double secs = (double)(end - start) / 1e9;
-    printf("{\"mode\":\"throughput\",\"streams\":%d,\"bytes\":%lld,\"seconds\":%.6f,\"bytes_per_s\":%.0f,"
-           "\"setup_s\":%.6f}\n",
-           streams, total, secs, (double)total / secs, (double)(connected - t0) / 1e9);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+                 (double)ru.ru_stime.tv_usec / 1e6;
+    printf("{\"mode\":\"throughput\",\"direction\":\"%s\",\"streams\":%d,\"bytes\":%lld,\"seconds\":%.6f,"
+           "\"bytes_per_s\":%.0f,\"setup_s\":%.6f,\"cpu_s\":%.6f}\n",
+           from_pod ? "from_pod" : "to_pod", streams, total, secs, (double)total / secs, (double)(connected - t0) / 1e9, cpu);
     return 0;
 }
 
@@ -398,6 +439,43 @@ static int cmd_rtt(struct sockaddr_in target, long count, long size, long warmup
     return 0;
 }
 
+static int cmd_ttfb(struct sockaddr_in target, long count, long gap_ms) {
+    int64_t *t = malloc(sizeof(int64_t) * (size_t)count), *c = malloc(sizeof(int64_t) * (size_t)count);
+    if (!t || !c) fail("out of memory");
+    for (long i = 0; i < count; i++) {
+        if (i > 0 && gap_ms > 0) {
+            struct timespec ts = {.tv_sec = gap_ms / 1000, .tv_nsec = (gap_ms % 1000) * 1000000L};
+            while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {}
+        }
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) die("socket");
+        struct timeval tv = {.tv_sec = timeout_s};
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        set_nodelay(fd);
+        char r;
+        int64_t a = now_ns();
+        if (connect(fd, (struct sockaddr *)&target, sizeof target) < 0) die("ttfb: connect");
+        int64_t b = now_ns();
+        if (read_all(fd, &r, 1) < 0) die("ttfb: waiting for the server's first byte");
+        int64_t e = now_ns();
+        if (r != 'R') fail("ttfb: the server's first byte is not 'R'");
+        close(fd);
+        t[i] = e - a;
+        c[i] = b - a;
+    }
+    printf("{\"mode\":\"ttfb\",\"count\":%ld,\"gap_ms\":%ld,\"samples_us\":[", count, gap_ms);
+    for (long i = 0; i < count; i++) printf("%s%.1f", i ? "," : "", (double)t[i] / 1e3);
+    double sum = 0;
+    for (long i = 0; i < count; i++) sum += (double)t[i];
+    qsort(t, (size_t)count, sizeof *t, cmp_i64);
+    qsort(c, (size_t)count, sizeof *c, cmp_i64);
+    printf("],\"min_ns\":%lld,\"p50_ns\":%lld,\"p90_ns\":%lld,\"max_ns\":%lld,\"mean_ns\":%.0f,"
+           "\"connect_p50_ns\":%lld}\n",
+           (long long)t[0], (long long)pct(t, count, 50), (long long)pct(t, count, 90), (long long)t[count - 1],
+           sum / (double)count, (long long)pct(c, count, 50));
+    return 0;
+}
+
 static int cmd_hold(struct sockaddr_in target, int conns) {
     int *fds = malloc(sizeof(int) * (size_t)conns);
     char out[64], in[64];
@@ -420,7 +498,7 @@ int main(int argc, char **argv) {
     if (argc < 2) usage();
     const char *mode = argv[1];
     const char *target_s = NULL, *netns = NULL;
-    long long port = -1, streams = 1, bytes = -1, count = -1, size = 64, warmup = 100, conns = -1;
+    long long port = -1, streams = 1, bytes = -1, count = -1, size = 64, warmup = 100, conns = -1, gap_ms = 0, from_pod = 0;
     for (int i = 2; i < argc; i++) {
         if (i + 1 >= argc) usage();
         const char *k = argv[i], *v = argv[++i];
@@ -433,6 +511,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--size")) size = parse_ll(v, 1, MAX_SIZE);
         else if (!strcmp(k, "--warmup")) warmup = parse_ll(v, 0, MAX_COUNT);
         else if (!strcmp(k, "--conns")) conns = parse_ll(v, 1, 10000);
+        else if (!strcmp(k, "--gap-ms")) gap_ms = parse_ll(v, 0, 60000);
+        else if (!strcmp(k, "--from-pod")) from_pod = parse_ll(v, 0, 1);
         else if (!strcmp(k, "--timeout-s")) timeout_s = (int)parse_ll(v, 1, 3600);
         else usage();
     }
@@ -447,14 +527,19 @@ int main(int argc, char **argv) {
     }
     if (!target_s) usage();
     struct sockaddr_in target = parse_addr(target_s);
-    alarm((unsigned)timeout_s + 10); /* the whole run is bounded, whatever happens */
+    /* The whole run is bounded, whatever happens (ttfb: every connection may take the timeout). */
+    alarm((unsigned)timeout_s + 10 + (!strcmp(mode, "ttfb") && count > 0 ? (unsigned)(count * (gap_ms / 1000 + 1)) : 0));
     if (!strcmp(mode, "throughput")) {
         if (bytes < streams) usage();
-        return cmd_throughput(target, (int)streams, bytes);
+        return cmd_throughput(target, (int)streams, bytes, (int)from_pod);
     }
     if (!strcmp(mode, "rtt")) {
         if (count < 1) usage();
         return cmd_rtt(target, count, size, warmup);
+    }
+    if (!strcmp(mode, "ttfb")) {
+        if (count < 1) usage();
+        return cmd_ttfb(target, count, gap_ms);
     }
     if (!strcmp(mode, "hold")) {
         if (conns < 1) usage();

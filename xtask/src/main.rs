@@ -188,7 +188,12 @@ fn main() -> Result<()> {
                 bail!("re-executing the release build of xtask: {err}");
             }
             // Smoke runs (CI) use the debug build: a release build takes minutes.
-            let bin = build(!args.smoke)?;
+            // BEAMREDIR_BENCH_BIN benchmarks another build instead (e.g. an earlier commit's, for
+            // before/after figures from the same bench).
+            let bin = match std::env::var_os("BEAMREDIR_BENCH_BIN") {
+                Some(other) => PathBuf::from(other),
+                None => build(!args.smoke)?,
+            };
             // SAFETY: single-threaded at this point.
             unsafe { std::env::set_var("BEAMREDIR_BIN", &bin) };
             bench::run(args)

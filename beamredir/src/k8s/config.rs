@@ -27,6 +27,8 @@ pub struct KubeArgs {
 #[derive(Clone)]
 pub struct Cluster {
     pub client: kube::Client,
+    /// Connections to the API server kept ready for port-forwards (see [`super::client`]).
+    pub spares: super::client::Spares,
     pub namespace: String,
     /// The API server URL, for messages.
     pub url: String,
@@ -139,12 +141,13 @@ impl Cluster {
         let proxy = route
             .proxy()
             .map(|p| super::proxy::clean(p).trim_end_matches('/').to_string());
-        let client = super::client::client(&config).map_err(|e| match e {
+        let (client, spares) = super::client::client(&config).map_err(|e| match e {
             K8sError::Kubeconfig(reason) => transport(&std::io::Error::other(reason), &url),
             other => other,
         })?;
         Ok(Cluster {
             client,
+            spares,
             namespace,
             url,
             source,

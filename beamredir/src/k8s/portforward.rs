@@ -87,6 +87,8 @@ pub async fn open(
         kube::core::Request::new(format!("/api/v1/namespaces/{}/pods", cluster.namespace))
             .portforward(pod, &[port])
             .map_err(|e| fail(e.to_string()))?;
+    // More port-forwards are likely to follow this one: have connections ready for them.
+    cluster.spares.demand();
     let upgraded = match tokio::time::timeout(timeout, cluster.client.connect(request)).await {
         Ok(r) => r,
         Err(_) => {

@@ -3,19 +3,164 @@
 //! relay (ended as soon as the local side has closed its socket, see
 //! [`portforward::relay_with`]). The epmd forward also watches the epmd conversation to learn
 //! distribution ports before their answers reach the local node (see [`crate::erlang::epmd`]).
+//!
+//! And to start the distribution connection's port-forward early: a local node that asks the
+//! pod's epmd where node N listens (`PORT_PLEASE2_REQ`) connects there as soon as the answer
+//! arrives. When N's port is already known and forwarded, its port-forward is opened while
+//! epmd answers ([`Prepared`]), and the local node's connection takes it: one round trip to
+//! the API server less on every new node connection. The pod's node sees its distribution
+//! connection accepted about one round trip before the handshake starts; if none comes (the
+//! answer was not what we knew), the prepared stream is closed after [`PREPARED_TTL`], well
+//! within the node's handshake timer (`net_setuptime`, 7 s), so the pod sees a connection that
+//! closed without a handshake, which Erlang drops silently.
+//!
+//! Why not keep streams ready for the epmd lookups too (a pool per forward): a stream opened
+//! ahead and left idle can be dropped by the far side (an API server restart, a proxy's idle
+//! timeout), and handing out a dead one fails that connection. A prepared stream lives a few
+//! seconds, for a connection that is about to come.
 use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex, Weak},
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex, OnceLock, Weak},
+    time::{Duration, Instant},
 };
 
+use kube::client::Connection;
 use tokio::net::TcpStream;
 
 use super::Up;
 use crate::{
     erlang::epmd::{EpmdConversation, Event},
     forward::{Carrier, registry::FamilyKey},
-    k8s::portforward::{self, Ended, Inspector, LocalClosed, NoInspection},
+    k8s::{
+        Cluster,
+        portforward::{self, Ended, Inspector, LocalClosed, NoInspection},
+    },
 };
+
+/// A prepared port-forward is closed unused after this long.
+const PREPARED_TTL: Duration = Duration::from_secs(3);
+/// Prepared port-forwards per pod port, at most (a few nodes starting at once).
+const PREPARED_MAX: usize = 4;
+
+type Key = (String, String, u16);
+/// The streams ready for one key: when each was opened, the pod uid it was opened to, the stream.
+type Ready<T> = Vec<(Instant, String, T)>;
+
+/// Port-forwards opened ahead of a connection, by (namespace, pod, port): what the pod
+/// incarnation was when each was opened, and when. Bounded in number and age.
+struct Prepared<T> {
+    streams: Mutex<HashMap<Key, Ready<T>>>,
+    ttl: Duration,
+    max: usize,
+}
+
+fn prepared() -> &'static Prepared<Connection> {
+    static PREPARED: OnceLock<Prepared<Connection>> = OnceLock::new();
+    PREPARED.get_or_init(|| Prepared::new(PREPARED_TTL, PREPARED_MAX))
+}
+
+impl<T> Prepared<T> {
+    fn new(ttl: Duration, max: usize) -> Self {
+        Prepared {
+            streams: Mutex::new(HashMap::new()),
+            ttl,
+            max,
+        }
+    }
+
+    /// Whether another stream may be prepared for `key` (expired ones are dropped, i.e.
+    /// closed, first).
+    fn has_room(&self, key: &Key) -> bool {
+        let mut all = self.streams.lock().unwrap();
+        let list = all.entry(key.clone()).or_default();
+        list.retain(|(t, _, _)| t.elapsed() < self.ttl);
+        list.len() < self.max
+    }
+
+    fn put(&self, key: Key, uid: String, stream: T) {
+        let mut all = self.streams.lock().unwrap();
+        let list = all.entry(key).or_default();
+        list.retain(|(t, _, _)| t.elapsed() < self.ttl);
+        if list.len() < self.max {
+            list.push((Instant::now(), uid, stream));
+        }
+    }
+
+    /// The oldest stream still fresh for this pod incarnation (the first asked for was the first
+    /// prepared).
+    fn take(&self, key: &Key, uid: &str) -> Option<T> {
+        let mut all = self.streams.lock().unwrap();
+        let list = all.get_mut(key)?;
+        list.retain(|(t, u, _)| t.elapsed() < self.ttl && u == uid);
+        (!list.is_empty()).then(|| list.remove(0).2)
+    }
+}
+
+/// The uid of `pod`'s current incarnation, if it is up.
+fn current_uid(up: &Up, pod: &str) -> Option<String> {
+    let table = up.table.lock().unwrap();
+    Some(table.get(pod)?.target.as_ref()?.uid.clone())
+}
+
+/// Opens a port-forward for `node`'s distribution port ahead of its connection, if the port is
+/// known and forwarded (see the module's documentation).
+fn prepare_dist(up: &Arc<Up>, pod: &str, node: &str) {
+    let (uid, port) = {
+        let table = up.table.lock().unwrap();
+        let Some(entry) = table.get(pod) else { return };
+        let Some(target) = &entry.target else { return };
+        let Some(port) = entry
+            .dist
+            .iter()
+            .find(|d| d.epmd_name.as_deref() == Some(node))
+            .map(|d| d.port)
+        else {
+            return;
+        };
+        (target.uid.clone(), port)
+    };
+    if !up.registry.ports(pod).contains(&port) {
+        return;
+    }
+    let key: Key = (up.cluster.namespace.clone(), pod.to_string(), port);
+    if !prepared().has_room(&key) {
+        return;
+    }
+    let (cluster, timeout) = (up.cluster.clone(), up.config.limits.upgrade_timeout());
+    tokio::spawn(async move {
+        match portforward::open(&cluster, &key.1, port, timeout).await {
+            Ok(conn) => {
+                prepared().put(key.clone(), uid, conn);
+                // Unused by then: closed.
+                tokio::time::sleep(PREPARED_TTL).await;
+                prepared().has_room(&key);
+            }
+            Err(e) => log::debug!("preparing a port-forward to pod {} port {port}: {e}", key.1),
+        }
+    });
+}
+
+/// A prepared port-forward for this connection, or a new one.
+async fn open(
+    weak: &Weak<Up>,
+    cluster: &Cluster,
+    pod: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Connection, String> {
+    let uid = weak.upgrade().and_then(|up| current_uid(&up, pod));
+    let key = (cluster.namespace.clone(), pod.to_string(), port);
+    if let Some(conn) = uid.and_then(|uid| prepared().take(&key, &uid)) {
+        log::debug!(
+            "pod {}/{pod} port {port}: a port-forward prepared while epmd answered",
+            cluster.namespace
+        );
+        return Ok(conn);
+    }
+    portforward::open(cluster, pod, port, timeout)
+        .await
+        .map_err(|e| e.to_string())
+}
 
 /// Opens a port-forward per accepted connection and relays it.
 pub fn carrier(up: &Arc<Up>, pod: &str, port: u16, is_epmd: bool) -> Carrier {
@@ -43,7 +188,7 @@ pub fn carrier(up: &Arc<Up>, pod: &str, port: u16, is_epmd: bool) -> Carrier {
                 }
             }
             let ws = tokio::select! {
-                ws = portforward::open(&cluster, &pod, port, timeout) => ws.map_err(|e| e.to_string())?,
+                ws = open(&weak, &cluster, &pod, port, timeout) => ws?,
                 _ = local_closed(&conn) => return Err(format!("pod {}/{pod} port {port}: the local side closed before the port-forward was set up", cluster.namespace)),
             };
             let ended = if is_epmd {
@@ -90,11 +235,18 @@ struct EpmdWatcher {
 impl Inspector for EpmdWatcher {
     fn on_local_bytes(&self, bytes: &[u8]) {
         for event in self.conv.lock().unwrap().client_bytes(bytes) {
-            if let Event::Unparseable { reason } = event {
-                log::debug!(
+            match event {
+                Event::Unparseable { reason } => log::debug!(
                     "pod {} epmd request not understood ({reason}); relaying as is",
                     self.pod
-                );
+                ),
+                // The local node will connect to `node` once epmd answers: get its stream ready.
+                Event::PortRequested { node } => {
+                    if let Some(up) = self.up.upgrade() {
+                        prepare_dist(&up, &self.pod, &node);
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -197,5 +349,37 @@ pub async fn learn_port(up: &Arc<Up>, pod: &str, node: &str, port: u16) {
             }
         }
         Err(e) => log::warn!("{e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> Key {
+        ("ns".into(), "app-0".into(), port)
+    }
+
+    #[test]
+    fn prepared_streams_go_first_in_first_out_to_the_same_incarnation_only() {
+        let p: Prepared<u32> = Prepared::new(Duration::from_secs(60), 2);
+        p.put(key(9000), "u1".into(), 1);
+        p.put(key(9000), "u1".into(), 2);
+        assert!(!p.has_room(&key(9000)), "bounded");
+        p.put(key(9000), "u1".into(), 3);
+        assert_eq!(p.take(&key(9000), "u1"), Some(1));
+        assert_eq!(p.take(&key(9001), "u1"), None, "another port");
+        // The pod was replaced: what was opened to the old one is dropped, not handed out.
+        assert_eq!(p.take(&key(9000), "u2"), None);
+        assert_eq!(p.take(&key(9000), "u1"), None);
+        assert!(p.has_room(&key(9000)));
+    }
+
+    #[test]
+    fn prepared_streams_expire() {
+        let p: Prepared<u32> = Prepared::new(Duration::from_millis(30), 4);
+        p.put(key(9000), "u1".into(), 1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(p.take(&key(9000), "u1"), None);
     }
 }

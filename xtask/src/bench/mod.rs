@@ -3,7 +3,8 @@
 //!
 //! * `report.md`: Markdown tables and the machine they ran on;
 //! * `results.json`: every repetition, machine-readable;
-//! * one SVG plot per benchmark (`connect_cost.svg`).
+//! * SVG plots: `connect_cost.svg`, `connect_closed.svg` (cost against N),
+//!   `kubectl_latency.svg`, `kubectl_throughput.svg` (against the API server's RTT).
 //!
 //! Each benchmark is a sibling module that returns its results, a Markdown section and a JSON
 //! value; [`report`] (machine info, Markdown, JSON) and [`plot`] (SVG charts) are shared:
@@ -14,9 +15,14 @@
 //!    server), against a plain 2-hop TCP relay and a direct route;
 //! 3. [`erlang`]: `rpc:call` round trips and a 64 MiB binary, beamredir against direct;
 //! 4. [`startup`]: `beamredir up` start-up time and resident memory;
-//! 5. [`pods`]: `beamredir up --statefulset` over 1, 10 and 20 pods with 80 ms to the API server.
+//! 5. [`kubectl`]: beamredir against the seed recipe (`kubectl port-forward` + iptables) with
+//!    a delay relay on the link to the API server (0, 20, 80 ms RTT): first byte, ping, rpc,
+//!    throughput;
+//! 6. [`restart`]: the pod restarts under an `rpc:call` loop, both tools side by side;
+//! 7. [`pods`]: `beamredir up --statefulset` over 1, 10 and 20 pods with 80 ms to the API server.
 //!
-//! 2-4 share one simulated cluster and its namespaces ([`sim`]); 5 starts its own.
+//! 2-6 share one simulated cluster and its namespaces ([`sim`]); 5 and 6 share the
+//! workstations with delay relays ([`sim::Link`]); 7 starts its own cluster.
 //!
 //! Benchmarks assert nothing about time: they measure and report. Every namespace, session
 //! and rule they create is removed on the way out, also on error or Ctrl-C.
@@ -32,15 +38,17 @@ use anyhow::{Context, Result, bail, ensure};
 
 mod connect;
 mod erlang;
+mod kubectl;
 mod plot;
 mod pods;
 mod report;
+mod restart;
 mod sim;
 mod startup;
 mod tunnel;
 
 /// The benchmarks, in the order they run.
-const PARTS: [&str; 5] = ["connect", "tunnel", "erlang", "startup", "pods"];
+const PARTS: [&str; 7] = ["connect", "tunnel", "erlang", "startup", "kubectl", "restart", "pods"];
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -57,9 +65,24 @@ pub struct BenchArgs {
     /// --smoke 1,10).
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=16_000))]
     pub sizes: Vec<u32>,
-    /// Run only these benchmarks (comma-separated: connect, tunnel, erlang, startup, pods; default all).
+    /// Run only these benchmarks (comma-separated: connect, tunnel, erlang, startup, kubectl,
+    /// restart, pods; default all).
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(PARTS))]
     pub only: Vec<String>,
+    /// connect: runs of the closed-port measure (default 5; --smoke 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub closed_runs: Option<u32>,
+    /// connect: connects per closed-port run (default 50000; --smoke 2000).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+    pub closed_connects: Option<u32>,
+    /// kubectl, restart: RTTs of the link to the API server in ms, comma-separated (default
+    /// 0,20,80; --smoke 0,20).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub rtts: Vec<u32>,
+    /// kubectl, restart: leave out beamredir without spare API-server connections (the
+    /// before/after of that change; never in --smoke).
+    #[arg(long)]
+    pub no_spares_baseline: bool,
 }
 
 impl BenchArgs {
@@ -82,6 +105,19 @@ impl BenchArgs {
         if !self.only.is_empty() {
             cmd.push_str(&format!(" --only {}", self.only.join(",")));
         }
+        if let Some(r) = self.closed_runs {
+            cmd.push_str(&format!(" --closed-runs {r}"));
+        }
+        if let Some(c) = self.closed_connects {
+            cmd.push_str(&format!(" --closed-connects {c}"));
+        }
+        if !self.rtts.is_empty() {
+            let rtts: Vec<String> = self.rtts.iter().map(u32::to_string).collect();
+            cmd.push_str(&format!(" --rtts {}", rtts.join(",")));
+        }
+        if self.no_spares_baseline {
+            cmd.push_str(" --no-spares-baseline");
+        }
         cmd
     }
 
@@ -102,7 +138,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let out = out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     // No stale results from an earlier run if this one fails.
-    for old in ["report.md", "results.json", "connect_cost.svg"] {
+    for old in ["report.md", "results.json", "connect_cost.svg", "connect_closed.svg", "kubectl_latency.svg", "kubectl_throughput.svg"] {
         let _ = std::fs::remove_file(out.join(old));
     }
     let beamredir = PathBuf::from(std::env::var_os("BEAMREDIR_BIN").context("BEAMREDIR_BIN is not set")?);
@@ -120,33 +156,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut json_parts = Vec::new();
     let mut console = Vec::new();
     let mut files = vec![];
+    let write_svg = |files: &mut Vec<String>, name: &str, svg: String| -> Result<()> {
+        let path = out.join(name);
+        std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+        files.push(path.display().to_string());
+        Ok(())
+    };
     if args.wants("connect") {
         let config = connect::Config::new(&args);
-        println!("bench 1/4: connect() cost, {}", config.describe());
+        println!("bench 1/7: connect() cost, {}", config.describe());
         let results = connect::run(&config, &client, &beamredir)?;
-        let connect_svg = out.join("connect_cost.svg");
-        std::fs::write(&connect_svg, connect::plot(&results, &report::Machine::collect()))
-            .with_context(|| format!("writing {}", connect_svg.display()))?;
-        files.push(connect_svg.display().to_string());
-        sections.push(connect::markdown(&results, "connect_cost.svg"));
+        let machine = report::Machine::collect();
+        write_svg(&mut files, "connect_cost.svg", connect::plot(&results, connect::Measure::Open, &machine))?;
+        write_svg(&mut files, "connect_closed.svg", connect::plot(&results, connect::Measure::Closed, &machine))?;
+        sections.push(connect::markdown(&results, "connect_cost.svg", "connect_closed.svg"));
         json_parts.push(("connect", connect::json(&results)));
-        console.push(format!("{}\n{}", connect::markdown_table(&results), connect::verdict(&results)));
+        console.push(connect::console(&results));
     }
-    if ["tunnel", "erlang", "startup"].iter().any(|p| args.wants(p)) {
+    if ["tunnel", "erlang", "startup", "kubectl", "restart"].iter().any(|p| args.wants(p)) {
         check_interrupted()?;
         println!("bench: starting the simulated cluster (pods tunnel-0, erl-0), the relay and direct namespaces, `beamredir up`");
         let bed = sim::Bed::start(&tunnel_bench, &beamredir)?;
         if args.wants("tunnel") {
             let config = tunnel::Config::new(&args);
-            println!("bench 2/4: tunnel throughput and latency, {}", config.describe());
+            println!("bench 2/7: tunnel throughput and latency, {}", config.describe());
             let results = tunnel::run(&config, &bed)?;
             sections.push(tunnel::markdown(&results));
             json_parts.push(("tunnel", tunnel::json(&results)));
-            console.push(format!("{}\n{}", tunnel::markdown_table(&results), tunnel::verdict(&results)));
+            console.push(format!("{}\n{}\n\nCPU seconds per GiB:\n{}", tunnel::markdown_table(&results), tunnel::verdict(&results), tunnel::cpu_table(&results)));
         }
         if args.wants("erlang") {
             let config = erlang::Config::new(&args);
-            println!("bench 3/4: Erlang distribution, {}", config.describe());
+            println!("bench 3/7: Erlang distribution, {}", config.describe());
             let results = erlang::run(&config, &bed)?;
             sections.push(erlang::markdown(&results));
             json_parts.push(("erlang", erlang::json(&results)));
@@ -154,18 +195,45 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         if args.wants("startup") {
             let config = startup::Config::new(&args);
-            println!("bench 4/4: start-up and footprint, {}", config.describe());
+            println!("bench 4/7: start-up and footprint, {}", config.describe());
             let results = startup::run(&config, &bed)?;
             sections.push(startup::markdown(&results));
             json_parts.push(("startup", startup::json(&results)));
             console.push(format!("{}\n{}", startup::markdown_table(&results), startup::verdict(&results)));
+        }
+        if args.wants("kubectl") || args.wants("restart") {
+            check_interrupted()?;
+            let config = kubectl::Config::new(&args);
+            println!("bench: starting a workstation with a delay relay per tool and RTT ({} ms)", config.rtts_ms.iter().map(u32::to_string).collect::<Vec<_>>().join(", "));
+            let mut links = sim::start_links(&bed, &config.tools, &config.rtts())?;
+            if args.wants("kubectl") {
+                println!("bench 5/7: beamredir against the kubectl recipe over a link with latency, {}", config.describe());
+                let results = kubectl::run(&config, &bed, &mut links)?;
+                let machine = report::Machine::collect();
+                write_svg(&mut files, "kubectl_latency.svg", kubectl::plot_latency(&results, &machine))?;
+                write_svg(&mut files, "kubectl_throughput.svg", kubectl::plot_throughput(&results, &machine))?;
+                sections.push(kubectl::markdown(&results, "kubectl_latency.svg", "kubectl_throughput.svg"));
+                json_parts.push(("kubectl", kubectl::json(&results)));
+                console.push(format!("{}\n{}", kubectl::markdown_table(&results), kubectl::verdict(&results)));
+            }
+            if args.wants("restart") {
+                check_interrupted()?;
+                let config = restart::Config::new(&args);
+                println!("bench 6/7: pod restart under an rpc:call loop, {}", config.describe());
+                let results = restart::run(&config, &bed, &mut links)?;
+                sections.push(restart::markdown(&results));
+                json_parts.push(("restart", restart::json(&results)));
+                console.push(format!("{}\n{}", restart::markdown_table(&results), restart::verdict(&results)));
+            }
+            println!("bench: tearing down the workstations");
+            drop(links);
         }
         println!("bench: tearing down the simulated cluster");
     }
     if args.wants("pods") {
         check_interrupted()?;
         let config = pods::Config::new(&args);
-        println!("bench 5: many pods at once, {}", config.describe());
+        println!("bench 7/7: many pods at once, {}", config.describe());
         let results = pods::run(&config)?;
         sections.push(pods::markdown(&results));
         json_parts.push(("pods", pods::json(&results)));

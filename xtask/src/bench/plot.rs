@@ -17,6 +17,7 @@ pub enum Marker {
     Circle,
     Square,
     Triangle,
+    Diamond,
 }
 
 pub struct Series {
@@ -281,6 +282,17 @@ fn marker(m: Marker, x: f64, y: f64, color: &str) -> String {
             y + 4.0,
             x + 5.0,
             y + 4.0
+        ) + "\n",
+        Marker::Diamond => format!(
+            r#"<polygon points="{:.1},{:.1} {:.1},{:.1} {:.1},{:.1} {:.1},{:.1}" fill="{color}" stroke="white" stroke-width="1"/>"#,
+            x,
+            y - 5.5,
+            x + 5.0,
+            y,
+            x,
+            y + 5.5,
+            x - 5.0,
+            y
         ) + "\n",
     }
 }

@@ -23,7 +23,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use beamredir_testbed::{Netns, Proc, TempDir, cluster::SimCluster, unique};
+use beamredir_testbed::{
+    DelayRelay, Netns, Proc, TempDir,
+    cluster::{IpAllocation, SimCluster},
+    recipe::KubectlRecipe,
+    unique,
+};
 use serde_json::Value;
 
 use super::{check_interrupted, run_bounded, run_cleanup};
@@ -32,6 +37,9 @@ pub const TUNNEL_POD: &str = "tunnel-0";
 pub const ERL_POD: &str = "erl-0";
 /// tunnel_bench's server in the tunnel pod (its declared `dist` port).
 pub const TUNNEL_PORT: u16 = 9100;
+/// The erl pod's epmd and distribution ports (cluster.yaml).
+pub const ERL_EPMD_PORT: u16 = 4369;
+pub const ERL_DIST_PORT: u16 = 9000;
 pub const COOKIE: &str = "benchcookie";
 /// The direct namespace's own address (on its loopback; the pods route it back over the veth).
 const DIRECT_SRC: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
@@ -70,6 +78,11 @@ pub struct UpSession {
 impl UpSession {
     /// Starts `beamredir [-v] up --pod P… --session NAME`; does not wait (see [`UpSession::wait_up`]).
     pub fn start(cluster: &SimCluster, bin: &Path, pods: &[&str], verbose: bool) -> Result<Self> {
+        Self::start_at(&cluster.ws.path(), &cluster.kubeconfig, bin, pods, verbose, &[])
+    }
+
+    /// [`UpSession::start`] in namespace `ws` with `kubeconfig`, with extra environment.
+    pub fn start_at(ws: &Path, kubeconfig: &Path, bin: &Path, pods: &[&str], verbose: bool, env: &[(&str, &str)]) -> Result<Self> {
         let state = TempDir::new("brbench-up")?;
         let mut s = UpSession {
             name: unique("bup"),
@@ -77,8 +90,8 @@ impl UpSession {
             pid: 0,
             stderr: Lines::default(),
             proc: None,
-            ws: cluster.ws.path(),
-            kubeconfig: cluster.kubeconfig.clone(),
+            ws: ws.to_path_buf(),
+            kubeconfig: kubeconfig.to_path_buf(),
             bin: bin.to_path_buf(),
             state,
         };
@@ -90,7 +103,7 @@ impl UpSession {
         for p in pods {
             cmd.args(["--pod", p]);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         s.started = Instant::now();
         let mut child = cmd.spawn().context("starting beamredir up")?;
         // nsenter --net execs beamredir in place (it forks only for a PID namespace).
@@ -151,17 +164,53 @@ impl UpSession {
         all.as_array()?.iter().find(|s| s["name"] == self.name.as_str()).cloned()
     }
 
-    /// (VmRSS, VmHWM) of the beamredir process, in KiB.
-    pub fn memory_kib(&self) -> Result<(u64, u64)> {
+    /// beamredir's memory in KiB, summed over the `up` process and its children (the
+    /// unprivileged network part, which holds the forwards, and the reaper): (Pss, Pss_Anon,
+    /// VmRSS, VmHWM). Pss shares each page among the processes that map it (the three map the
+    /// same binary), so its sum is what beamredir costs the machine; the VmRSS sum counts the
+    /// shared pages three times. The peak is the sum of each process's own (an upper bound).
+    pub fn memory_kib(&self) -> Result<Memory> {
         let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.pid)).unwrap_or_default();
         ensure!(comm.trim() == "beamredir", "process {} is {:?}, not beamredir", self.pid, comm.trim());
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        let field = |name: &str| -> Result<u64> {
-            let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in /proc/PID/status"))?;
-            Ok(line.split_whitespace().nth(1).context("malformed")?.parse()?)
+        let mut m = Memory::default();
+        let field = |text: &str, name: &str| -> u64 {
+            text.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
         };
-        Ok((field("VmRSS:")?, field("VmHWM:")?))
+        for pid in process_tree(self.pid) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+            m.pss += field(&rollup, "Pss:");
+            m.pss_anon += field(&rollup, "Pss_Anon:");
+            m.rss += field(&status, "VmRSS:");
+            m.hwm += field(&status, "VmHWM:");
+        }
+        Ok(m)
     }
+}
+
+/// See [`UpSession::memory_kib`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory {
+    pub pss: u64,
+    pub pss_anon: u64,
+    pub rss: u64,
+    pub hwm: u64,
+}
+
+/// A process and its descendants (from /proc/PID/task/*/children).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        for task in std::fs::read_dir(format!("/proc/{p}/task")).into_iter().flatten().flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                all.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            }
+        }
+        i += 1;
+    }
+    all
 }
 
 impl Drop for UpSession {
@@ -181,6 +230,7 @@ impl Drop for UpSession {
 /// A long-running helper (a relay) that prints one JSON line when ready. Killed on drop.
 pub struct Helper {
     pub ready: Value,
+    pub pid: u32,
     _proc: Proc,
 }
 
@@ -203,7 +253,7 @@ impl Helper {
             format!("{cmd:?} said {line:?} {}", err.join(" "))
         })?;
         ensure!(ready["ready"] == true, "{cmd:?} said {ready}");
-        Ok(Helper { ready, _proc: proc })
+        Ok(Helper { ready, pid: proc.0.id(), _proc: proc })
     }
 }
 
@@ -230,7 +280,13 @@ pub struct Bed {
 impl Bed {
     pub fn start(tunnel_bench: &Path, beamredir: &Path) -> Result<Self> {
         let t = Instant::now();
-        let cluster = SimCluster::start(&manifest(tunnel_bench)).context("starting the simulated cluster")?;
+        // Freed addresses are reused at once (as Calico's or Cilium's IPAM do): a restarted pod
+        // gets its address back, so its node name (app@POD_IP) and the recipe's DNAT rules stay
+        // valid and the restart benchmark compares the forwards alone.
+        let cluster = SimCluster::options()
+            .ip_allocation(IpAllocation::LowestFree)
+            .start(&manifest(tunnel_bench))
+            .context("starting the simulated cluster")?;
         check_interrupted()?;
         let tunnel_ip = cluster.pod_ip(TUNNEL_POD).context("no tunnel pod IP")?;
         let erl_ip = cluster.pod_ip(ERL_POD).context("no erl pod IP")?;
@@ -296,4 +352,165 @@ pub fn run_client(cmd: &mut Command, timeout: Duration) -> Result<Value> {
     let out = run_bounded(cmd, timeout)?;
     let line = out.lines().rev().find(|l| !l.trim().is_empty()).with_context(|| format!("{cmd:?} printed nothing"))?;
     serde_json::from_str(line).with_context(|| format!("{cmd:?} printed {line:?}"))
+}
+
+/// The tool a [`Link`]'s workstation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tool {
+    /// `beamredir up --pod tunnel-0 --pod erl-0`.
+    Beamredir,
+    /// The same with `BEAMREDIR_NET_SPARE_CONNECTIONS=0`: no API-server connections made ahead of
+    /// need (what every forwarded connection cost before they existed).
+    BeamredirNoSpares,
+    /// The seed recipe: `kubectl port-forward` + iptables DNAT + route + route_localnet, for
+    /// tunnel-0 (9100) and erl-0 (4369, 9000).
+    Kubectl,
+}
+
+impl Tool {
+    pub fn key(self) -> &'static str {
+        match self {
+            Tool::Beamredir => "beamredir",
+            Tool::BeamredirNoSpares => "beamredir_no_spares",
+            Tool::Kubectl => "kubectl",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Tool::Beamredir => "beamredir up",
+            Tool::BeamredirNoSpares => "beamredir up, no spare connections",
+            Tool::Kubectl => "kubectl recipe",
+        }
+    }
+}
+
+/// A workstation of its own (a namespace with only loopback) that reaches the bed's simulated
+/// API server through a [`DelayRelay`] with a given RTT, running one [`Tool`] for the bed's
+/// pods. Each tool gets its own namespace: the recipe's nat rules turn conntrack on for the
+/// whole namespace, which must not slow the other tool down. Everything goes on drop: the
+/// session or the recipes (newest first: they share the namespace's address, route and
+/// sysctl), then the relay and the namespace.
+pub struct Link {
+    pub tool: Tool,
+    pub rtt: Duration,
+    pub session: Option<UpSession>,
+    pub recipes: Vec<KubectlRecipe>,
+    _relay: DelayRelay,
+    pub kubeconfig: PathBuf,
+    _files: TempDir,
+    pub ns: Netns,
+}
+
+impl Link {
+    pub fn start(bed: &Bed, tool: Tool, rtt: Duration) -> Result<Self> {
+        let cluster = &bed.cluster;
+        let ns = Netns::new("brlk")?;
+        let api: std::net::SocketAddr = cluster.url.trim_start_matches("https://").parse().context("the API server's address")?;
+        let relay = DelayRelay::start(&ns, &cluster.ws.path(), api, rtt)?;
+        let files = TempDir::new("brbench-link")?;
+        let kubeconfig = files.path().join("kubeconfig");
+        let text = std::fs::read_to_string(&cluster.kubeconfig)?;
+        ensure!(text.contains(&cluster.url), "the kubeconfig does not name {}", cluster.url);
+        std::fs::write(&kubeconfig, text.replace(&cluster.url, &format!("https://127.0.0.1:{}", relay.port)))?;
+        let mut link = Link { tool, rtt, session: None, recipes: Vec::new(), _relay: relay, kubeconfig, _files: files, ns };
+        match tool {
+            Tool::Beamredir | Tool::BeamredirNoSpares => {
+                let env: &[(&str, &str)] = if tool == Tool::BeamredirNoSpares { &[("BEAMREDIR_NET_SPARE_CONNECTIONS", "0")] } else { &[] };
+                let mut session = UpSession::start_at(&link.ns.path(), &link.kubeconfig, &bed.beamredir, &[TUNNEL_POD, ERL_POD], false, env)?;
+                session.wait_up(Duration::from_secs(60))?;
+                link.session = Some(session);
+            }
+            Tool::Kubectl => {
+                link.recipes.push(KubectlRecipe::start_at(cluster, &link.ns, &link.kubeconfig, TUNNEL_POD, &[TUNNEL_PORT])?);
+                link.recipes.push(KubectlRecipe::start_at(cluster, &link.ns, &link.kubeconfig, ERL_POD, &[ERL_EPMD_PORT, ERL_DIST_PORT])?);
+            }
+        }
+        Ok(link)
+    }
+
+    /// `program` run as this link's tool needs it: in the `up` session, or in the namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        match &self.session {
+            Some(s) => s.exec(program),
+            None => self.ns.command(program),
+        }
+    }
+
+    /// The recipe for `pod`, if this link runs the kubectl recipe.
+    pub fn recipe(&mut self, pod: &str) -> Option<&mut KubectlRecipe> {
+        self.recipes.iter_mut().find(|r| r.pod == pod)
+    }
+
+    /// What the tool said: beamredir's stderr, or kubectl's output.
+    pub fn log(&mut self) -> String {
+        match &self.session {
+            Some(s) => s.log(),
+            None => self
+                .recipes
+                .iter_mut()
+                .map(|r| {
+                    let pod = r.pod.clone();
+                    format!("[{pod}] {}", r.forward().output())
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{} at {} ms", self.tool.key(), self.rtt.as_millis())
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.session = None;
+        while let Some(r) = self.recipes.pop() {
+            drop(r);
+        }
+    }
+}
+
+/// One link per tool and RTT, started one after the other.
+pub fn start_links(bed: &Bed, tools: &[Tool], rtts: &[Duration]) -> Result<Vec<Link>> {
+    let t = Instant::now();
+    let mut links = Vec::new();
+    for &rtt in rtts {
+        for &tool in tools {
+            check_interrupted()?;
+            links.push(Link::start(bed, tool, rtt).with_context(|| format!("starting {} at {} ms", tool.key(), rtt.as_millis()))?);
+        }
+    }
+    println!("  {} workstations with delay relays ready in {:.1} s", links.len(), t.elapsed().as_secs_f64());
+    Ok(links)
+}
+
+/// CPU time (user + system, in clock ticks) a process and all its descendants used so far,
+/// threads that ended included (/proc/PID/stat utime and stime count them); 0 if it is gone.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command (which may hold spaces) in parentheses.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    let children: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
+        .map(cpu_ticks)
+        .sum();
+    own + children
+}
+
+/// Clock ticks per second (USER_HZ).
+pub fn ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
 }
