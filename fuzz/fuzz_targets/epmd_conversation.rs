@@ -5,8 +5,13 @@
 //! The module is compiled in by path rather than by depending on the `beamredir` crate: that
 //! crate's build script builds the eBPF object with a nested cargo, which would inherit the
 //! sanitizer flags, and its dependency tree (aya, kube, tokio) would make every fuzz build slow.
-//! `epmd.rs` is pure and depends on `thiserror` only, so this sees exactly the shipped code.
+//! `epmd.rs` is pure and depends on `thiserror` and its sibling `reader.rs` only (compiled in
+//! the same way), so this sees exactly the shipped code.
 #![no_main]
+
+#[allow(dead_code)]
+#[path = "../../beamredir/src/erlang/reader.rs"]
+mod reader;
 
 #[allow(dead_code)]
 #[path = "../../beamredir/src/erlang/epmd.rs"]
