@@ -438,13 +438,14 @@ fn subtitle(r: &Results, machine: &Machine) -> String {
     )
 }
 
-/// Times against RTT: first byte, ping, rpc; a colour per figure, a dash per tool.
-pub fn plot_latency(r: &Results, machine: &Machine) -> String {
+/// A series per (figure, tool) against RTT: a colour and marker per figure, a dash per tool;
+/// values divided by `unit`.
+fn series_against_rtt(r: &Results, figures: &[(Figure, &str, &'static str, Marker)], unit: f64) -> Vec<Series> {
     let mut series = Vec::new();
-    for (f, color, marker) in [(Figure::Ttfb, "#1f6fd1", Marker::Square), (Figure::Ping, "#d1341f", Marker::Triangle), (Figure::Rpc, "#2a9d3a", Marker::Circle)] {
+    for &(f, name, color, marker) in figures {
         for &t in &r.config.tools {
             series.push(Series {
-                name: format!("{}: {}", f.key().replace('_', " "), short_label(t)),
+                name: format!("{name}: {}", short_label(t)),
                 color,
                 dash: tool_style(t),
                 marker,
@@ -454,12 +455,22 @@ pub fn plot_latency(r: &Results, machine: &Machine) -> String {
                     .iter()
                     .map(|&rtt| {
                         let s = Spread::of(&r.values(rtt, t, f));
-                        Point { x: f64::from(rtt), y: s.median / 1e6, lo: s.min / 1e6, hi: s.max / 1e6 }
+                        Point { x: f64::from(rtt), y: s.median / unit, lo: s.min / unit, hi: s.max / unit }
                     })
                     .collect(),
             });
         }
     }
+    series
+}
+
+/// Times against RTT: first byte, ping, rpc.
+pub fn plot_latency(r: &Results, machine: &Machine) -> String {
+    let figures = [
+        (Figure::Ttfb, "first byte", "#1f6fd1", Marker::Square),
+        (Figure::Ping, "ping", "#d1341f", Marker::Triangle),
+        (Figure::Rpc, "rpc", "#2a9d3a", Marker::Circle),
+    ];
     plot::svg(&Chart {
         title: "beamredir vs the kubectl recipe: latency against the API server's RTT".into(),
         subtitle: subtitle(r, machine),
@@ -467,33 +478,14 @@ pub fn plot_latency(r: &Results, machine: &Machine) -> String {
         y_label: "time (ms, log scale)".into(),
         x_log: false,
         y_log: true,
-        series,
+        series: series_against_rtt(r, &figures, 1e6),
     })
 }
 
 /// Throughput against RTT, 1 and 16 streams.
 pub fn plot_throughput(r: &Results, machine: &Machine) -> String {
-    let mut series = Vec::new();
-    for (f, color, marker) in [(Figure::Stream1, "#1f6fd1", Marker::Square), (Figure::Streams16, "#7a3fb0", Marker::Diamond)] {
-        for &t in &r.config.tools {
-            series.push(Series {
-                name: format!("{}: {}", if f == Figure::Stream1 { "1 stream" } else { "16 streams" }, short_label(t)),
-                color,
-                dash: tool_style(t),
-                marker,
-                points: r
-                    .config
-                    .rtts_ms
-                    .iter()
-                    .map(|&rtt| {
-                        let s = Spread::of(&r.values(rtt, t, f));
-                        let m = (1 << 20) as f64;
-                        Point { x: f64::from(rtt), y: s.median / m, lo: s.min / m, hi: s.max / m }
-                    })
-                    .collect(),
-            });
-        }
-    }
+    let figures = [(Figure::Stream1, "1 stream", "#1f6fd1", Marker::Square), (Figure::Streams16, "16 streams", "#7a3fb0", Marker::Diamond)];
+    let series = series_against_rtt(r, &figures, f64::from(1u32 << 20));
     plot::svg(&Chart {
         title: "beamredir vs the kubectl recipe: throughput against the API server's RTT".into(),
         subtitle: subtitle(r, machine),
