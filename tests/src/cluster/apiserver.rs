@@ -518,14 +518,36 @@ fn delete_pod(state: &ApiState, ns: &str, name: &str, grace: Option<i64>) -> Res
     }
 }
 
-/// Reads a request body, at most [`MAX_BODY`] bytes.
+/// Reads a request body, at most [`MAX_BODY`] bytes. Past that, a 413; the rest of the body
+/// goes to [`linger`], so a client still writing it reads the answer, not a broken pipe.
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
-    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
-    match tokio::time::timeout(Duration::from_secs(30), limited.collect()).await {
-        Ok(Ok(b)) => Ok(b.to_bytes()),
-        Ok(Err(_)) => Err(status(413, "RequestEntityTooLarge", "Request entity too large: limit is 1048576", None)),
-        Err(_) => Err(status(408, "Timeout", "request body not received in time", None)),
+    let mut body = req.into_body();
+    let mut got = bytes::BytesMut::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(status(408, "Timeout", "request body not received in time", None)),
+            Ok(None) => return Ok(got.freeze()),
+            Ok(Some(Err(e))) => return Err(status(400, "BadRequest", &format!("reading the request body: {e}"), None)),
+            Ok(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else { continue };
+                if got.len() + data.len() > MAX_BODY {
+                    tokio::spawn(linger(body));
+                    return Err(status(413, "RequestEntityTooLarge", "Request entity too large: limit is 1048576", None));
+                }
+                got.extend_from_slice(&data);
+            }
+        }
     }
+}
+
+/// What Go's net/http (the real API server) does with a request body its handler left unread:
+/// it answers, half-closes and keeps the connection 500 ms before closing it
+/// (`closeWriteAndWait`), so the client gets to read the answer while it is still sending.
+/// Closing at once instead makes the client's write fail first (kubectl: "write: broken pipe").
+async fn linger(mut body: Incoming) {
+    let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
 }
 
 /// POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews: what `kubectl auth can-i` asks.
