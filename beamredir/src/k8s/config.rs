@@ -28,7 +28,7 @@ pub struct KubeArgs {
 pub struct Cluster {
     pub client: kube::Client,
     /// Connections to the API server kept ready for port-forwards (see [`super::client`]).
-    pub spares: super::client::Spares,
+    pub spares: super::spares::Spares,
     pub namespace: String,
     /// The API server URL, for messages.
     pub url: String,

@@ -3,7 +3,8 @@
 //!
 //! * [`config`]: kubeconfig/context/namespace resolution; [`plugins`]: credential plugins
 //!   found as the user's shell finds them; [`proxy`]: which proxy, as kubectl chooses it;
-//!   [`client`]: the HTTP client (nodelay, keepalive, proxies);
+//!   [`client`]: the HTTP client (nodelay, keepalive, proxies, 32 KiB TLS reads); [`spares`]:
+//!   connections kept ready while port-forwards are being opened;
 //! * [`lookup`]: pods by name, selector, StatefulSet or Service;
 //! * [`pod`]: what a pod object says (reachability, addresses, the Erlang container, ports);
 //! * [`env`]: a container's environment and command line as the kubelet builds them;
@@ -25,6 +26,7 @@ pub mod pod;
 pub mod portforward;
 pub mod proxy;
 pub mod secrets;
+pub mod spares;
 
 pub use config::{Cluster, KubeArgs};
 pub use error::K8sError;
