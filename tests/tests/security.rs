@@ -633,11 +633,16 @@ fn the_network_part_is_unprivileged_and_root_holds_only_listening_sockets_and_le
         .map(|(i, _)| *i)
         .collect();
     assert_eq!(root_inodes, net_listening);
-    // The reaper holds no socket at all.
+    // The reaper holds no socket at all, and it holds its pipe (fd 3): the pipe is how it knows
+    // when root is gone (once it started without it, and acted only on a 30 s poll).
     let reaper_fds = fds(reaper)?;
     assert!(
         reaper_fds.values().all(|l| !l.starts_with("socket:")),
         "{reaper_fds:?}"
+    );
+    assert!(
+        reaper_fds.get(&3).is_some_and(|l| l.starts_with("pipe:")),
+        "the reaper's fd 3 is not its pipe: {reaper_fds:?}"
     );
 
     // Nothing root or the network part opened is inherited: the session's command has its

@@ -5,7 +5,8 @@
 //! write end only the session process has; when that process is gone, the pipe reads EOF, and
 //! the reaper removes what the session left (exactly what `down` does for a stale session).
 //! After a normal end there is nothing left to remove and it just exits. It never reads
-//! anything but that pipe.
+//! anything but that pipe. A cleanup that cannot finish at once (another command holding the
+//! session's lock for a moment, a cgroup still busy) is retried for [`CLEANUP_FOR`].
 use std::{
     io::Read,
     os::{
@@ -39,7 +40,13 @@ pub fn spawn(state: &StateDir, name: &str) -> std::io::Result<ReaperLink> {
     // SAFETY: dup2, setsid and signal are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, PIPE_FD) < 0 {
+            // dup2 clears close-on-exec on the new fd, but is a no-op when the pipe already is
+            // fd 3: then clear it by hand, or the reaper starts without its pipe.
+            if fd == PIPE_FD {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, PIPE_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // Its own session: the terminal's Ctrl-C and hangup are the session's business.
@@ -55,9 +62,19 @@ pub fn spawn(state: &StateDir, name: &str) -> std::io::Result<ReaperLink> {
     Ok(ReaperLink { _write: write })
 }
 
+/// How long the reaper keeps trying to clean up (another command may hold the session's lock
+/// for a moment while it looks at the session, a moved process may keep the cgroup busy).
+const CLEANUP_FOR: Duration = Duration::from_secs(10);
+
 /// The reaper's main: waits for the session process to end, then cleans up after it.
 pub fn run(state: &StateDir, name: &str, pid: u32) -> i32 {
-    // SAFETY: fd 3 is the pipe by construction (see `spawn`).
+    // The pipe must be there: without it the reaper would not know when to act.
+    let is_pipe = nix::sys::stat::fstat(PIPE_FD)
+        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
+    if !is_pipe {
+        return 2;
+    }
+    // SAFETY: fd 3 is the pipe (checked above), and nothing else in this process owns it.
     let mut pipe = unsafe { std::fs::File::from_raw_fd(PIPE_FD) };
     let mut byte = [0u8; 1];
     // Blocks until the session process (the only writer) is gone; nothing is ever written.
@@ -68,11 +85,20 @@ pub fn run(state: &StateDir, name: &str, pid: u32) -> i32 {
         std::thread::sleep(Duration::from_millis(20));
     }
     let Ok(hierarchy) = Hierarchy::open(&state.private_cgroup_mount()) else { return 1 };
-    match state.load(name) {
-        Ok(Some(record)) if record.pid == pid && !record.is_alive() => {
-            state.clean_stale(&hierarchy);
-            0
+    let deadline = Instant::now() + CLEANUP_FOR;
+    loop {
+        match state.load(name) {
+            Ok(Some(record)) if record.pid == pid && !record.is_alive() => {
+                if state.clean_stale(&hierarchy).iter().any(|n| n == name) {
+                    return 0;
+                }
+            }
+            // Gone (cleaned by another command, or ended normally), or another session's now.
+            _ => return 0,
         }
-        _ => 0,
+        if Instant::now() >= deadline {
+            return 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
