@@ -81,13 +81,7 @@ fn script(cfg: &Config, pod_ip: std::net::Ipv4Addr) -> String {
     format!(
         r#"Node = 'app@{pod_ip}',
 pong = net_adm:ping(Node),
-T = fun(F) -> T0 = erlang:monotonic_time(nanosecond), F(), erlang:monotonic_time(nanosecond) - T0 end,
-Call = fun() -> Node = rpc:call(Node, erlang, node, []) end,
-[Call() || _ <- lists:seq(1, {warmup})],
-Ts = lists:sort([T(Call) || _ <- lists:seq(1, {calls})]),
-N = length(Ts),
-P = fun(Q) -> lists:nth(max(1, min(N, round(Q / 100 * N))), Ts) end,
-Size = {size},
+{timing}Size = {size},
 Bin = binary:copy(<<7>>, Size),
 1 = rpc:call(Node, erlang, byte_size, [<<1>>]),
 Up = T(fun() -> Size = rpc:call(Node, erlang, byte_size, [Bin]) end),
@@ -95,8 +89,7 @@ Down = T(fun() -> Size = byte_size(rpc:call(Node, binary, copy, [<<7>>, Size])) 
 io:format("{{\"calls\":~b,\"min_ns\":~b,\"p50_ns\":~b,\"p99_ns\":~b,\"max_ns\":~b,\"transfer_bytes\":~b,\"to_pod_ns\":~b,\"from_pod_ns\":~b}}~n",
           [N, hd(Ts), P(50), P(99), lists:last(Ts), Size, Up, Down]),
 halt()."#,
-        warmup = cfg.warmup,
-        calls = cfg.calls,
+        timing = super::sim::erl_rpc_timing(cfg.warmup, cfg.calls),
         size = cfg.transfer_bytes,
     )
 }

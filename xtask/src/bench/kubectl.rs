@@ -159,16 +159,9 @@ T0 = erlang:monotonic_time(nanosecond),
 Pong = net_adm:ping(Node),
 Ping = erlang:monotonic_time(nanosecond) - T0,
 pong = Pong,
-T = fun(F) -> A = erlang:monotonic_time(nanosecond), F(), erlang:monotonic_time(nanosecond) - A end,
-Call = fun() -> Node = rpc:call(Node, erlang, node, []) end,
-[Call() || _ <- lists:seq(1, {warmup})],
-Ts = lists:sort([T(Call) || _ <- lists:seq(1, {calls})]),
-N = length(Ts),
-P = fun(Q) -> lists:nth(max(1, min(N, round(Q / 100 * N))), Ts) end,
-io:format("{{\"ping_ns\":~b,\"calls\":~b,\"rpc_min_ns\":~b,\"rpc_p50_ns\":~b,\"rpc_max_ns\":~b}}~n", [Ping, N, hd(Ts), P(50), lists:last(Ts)]),
+{timing}io:format("{{\"ping_ns\":~b,\"calls\":~b,\"rpc_min_ns\":~b,\"rpc_p50_ns\":~b,\"rpc_max_ns\":~b}}~n", [Ping, N, hd(Ts), P(50), lists:last(Ts)]),
 halt()."#,
-        warmup = cfg.rpc_warmup,
-        calls = cfg.rpc_calls,
+        timing = super::sim::erl_rpc_timing(cfg.rpc_warmup, cfg.rpc_calls),
     )
 }
 

@@ -45,6 +45,23 @@ pub const COOKIE: &str = "benchcookie";
 const DIRECT_SRC: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 
 /// The manifest, with the server's path filled in.
+/// Erlang expressions (for `erl -eval`, each ending in a comma) that time `rpc:call(Node,
+/// erlang, node, [])`: `T(F)` times a fun in ns, `warmup` untimed calls, then `Ts` (`calls`
+/// timings, sorted), `N` and the percentile fun `P(Q)`. `Node` must be bound before, and none
+/// of `T`, `Call`, `Ts`, `N`, `P`, `TimedFrom` (a variable bound outside a fun is matched, not
+/// bound, inside it).
+pub fn erl_rpc_timing(warmup: u32, calls: u32) -> String {
+    format!(
+        r#"T = fun(F) -> TimedFrom = erlang:monotonic_time(nanosecond), F(), erlang:monotonic_time(nanosecond) - TimedFrom end,
+Call = fun() -> Node = rpc:call(Node, erlang, node, []) end,
+[Call() || _ <- lists:seq(1, {warmup})],
+Ts = lists:sort([T(Call) || _ <- lists:seq(1, {calls})]),
+N = length(Ts),
+P = fun(Q) -> lists:nth(max(1, min(N, round(Q / 100 * N))), Ts) end,
+"#
+    )
+}
+
 pub fn manifest(tunnel_bench: &Path) -> String {
     include_str!("../../bench/cluster.yaml").replace("@TUNNEL_BENCH@", &tunnel_bench.display().to_string())
 }
