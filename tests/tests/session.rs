@@ -153,6 +153,26 @@ fn global_scope_redirects_every_process_until_down() -> Result<()> {
     Ok(())
 }
 
+/// Without its control socket (removed, or the session too busy to answer), `down` signals the
+/// session's process itself, through a pidfd opened before the record's start time is checked.
+#[test]
+fn down_without_the_control_socket_signals_the_session_and_it_cleans_up() -> Result<()> {
+    let bed = TestBed::start()?;
+    let session = unique("k");
+    let mut map = bed.start_session(&session, &[])?;
+    std::fs::remove_file(bed.state_dir.path().join(format!("{session}.sock")))?;
+    run(bed.beamredir().args(["down", "--session", &session]))?;
+    // SIGTERM: the session's own teardown ran (exit 0), and nothing of it is left.
+    assert!(map.0.wait()?.success());
+    assert!(bed.session_status(&session).is_none());
+    let left: Vec<String> = std::fs::read_dir(bed.state_dir.path())?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&session))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    Ok(())
+}
+
 /// A cgroup the test owns, removed on drop.
 struct OwnCgroup(std::path::PathBuf);
 impl Drop for OwnCgroup {

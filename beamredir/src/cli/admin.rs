@@ -256,6 +256,31 @@ fn status_table(statuses: &[SessionStatus], wide: bool, out: &mut String) {
     }
 }
 
+/// SIGTERM to a session's process through a pidfd: the record's start time is checked after
+/// the pidfd is open, and the pidfd names that process whatever happens to its pid, so a pid
+/// reused between the check and the signal never receives it (a plain kill(2) has that race).
+fn terminate(record: &SessionRecord) {
+    // SAFETY: pidfd_open(2) with no flags returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, record.pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return; // gone already
+    }
+    // SAFETY: a new fd this function owns.
+    let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    if record.is_alive() {
+        // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                libc::SIGTERM,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
+    }
+}
+
 pub fn down(state: &StateDir, name: Option<&str>, all: bool, any_user: bool) -> Result<i32> {
     let hierarchy = Hierarchy::open(&state.private_cgroup_mount())?;
     let targets: Vec<SessionRecord> = if all {
@@ -277,10 +302,7 @@ pub fn down(state: &StateDir, name: Option<&str>, all: bool, any_user: bool) -> 
     };
     for record in targets.iter().filter(|r| r.is_alive()) {
         if control::query(&state.socket_path(&record.name), Request::Down).is_err() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(record.pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            terminate(record);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while record.is_alive() && Instant::now() < deadline {
