@@ -110,6 +110,20 @@ fn start_up(
     log: &Path,
 ) -> Result<Graceful> {
     let mut cmd = cluster.beamredir(state);
+    // The soft open-file limit a login session usually gives (1024), whatever this harness has,
+    // so a test can tell beamredir's own limits from the one its commands get back.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    let limit = libc::rlimit { rlim_cur: hard.min(1024), rlim_max: hard };
+    // SAFETY: setrlimit is async-signal-safe; `limit` is copied into the closure.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
     user.sudo(&mut cmd)
         .args(["up", "--session", session])
         .args(args)
@@ -482,6 +496,20 @@ fn status_field(pid: u32, field: &str) -> Result<String> {
 }
 
 /// Open descriptors of a process: fd → what it is (the /proc/PID/fd link).
+/// The soft and hard "Max open files" of a process (`/proc/PID/limits`).
+fn open_files_limit(pid: u32) -> Result<(u64, u64)> {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .ok_or_else(|| anyhow::anyhow!("no open-files line in /proc/{pid}/limits"))?;
+    let mut numbers = line["Max open files".len()..].split_whitespace().map(str::parse::<u64>);
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(soft)), Some(Ok(hard))) => Ok((soft, hard)),
+        _ => anyhow::bail!("unexpected limits line: {line}"),
+    }
+}
+
 fn fds(pid: u32) -> Result<BTreeMap<i32, String>> {
     let mut out = BTreeMap::new();
     for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
@@ -644,6 +672,11 @@ fn the_network_part_is_unprivileged_and_root_holds_only_listening_sockets_and_le
         reaper_fds.get(&3).is_some_and(|l| l.starts_with("pipe:")),
         "the reaper's fd 3 is not its pipe: {reaper_fds:?}"
     );
+
+    // Root raised its open-file limit for its listeners; the command got the original back.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    assert_eq!(open_files_limit(root)?, (hard, hard));
+    assert_eq!(open_files_limit(command)?, (hard.min(1024), hard));
 
     // Nothing root or the network part opened is inherited: the session's command has its
     // three standard streams only, and every other descriptor of both parts is close-on-exec.

@@ -365,17 +365,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Raises the soft limit on open files to the hard limit, in the network part only: each
+/// Raises the soft limit on open files to the hard limit. The network part needs it: each
 /// forwarded connection holds two descriptors (local and API server), and 1024 is the usual
-/// soft default. Not in the root part: its commands would inherit it, and epmd (select-based)
-/// breaks with a huge limit.
+/// soft default. The root part needs it for its listeners (one per forward). The commands
+/// either part runs through `session::runas::command` get the original limit back.
 pub fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
-    }
+    beamredir::session::runas::raise_fd_limit();
 }
 
 /// Marks every descriptor from `first` up close-on-exec: whatever beamredir inherited from

@@ -83,6 +83,8 @@ pub fn run_session(state: StateDir, request: SessionRequest, verbose: u8, quiet:
         runas::check_program(program)?;
     }
     let owner = owner_ids()?;
+    // Listeners are capped by this part's descriptor limit (see `privsep::root::Listeners`).
+    super::raise_fd_limit();
     let claim = SessionClaim::take(state, &request.session)?;
     // On the main thread, before any other thread exists: the network part's parent-death
     // signal follows the thread that started it.

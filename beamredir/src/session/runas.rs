@@ -97,6 +97,23 @@ impl Identity {
     }
 }
 
+/// The open-file limit this process started with, if it raised its own since: every command
+/// it runs gets the original back (epmd and other select()-based programs break with a huge
+/// soft limit, and a command should see the limit its user gave it).
+static STARTING_NOFILE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Raises the soft limit on open files to the hard limit, keeping the original for the
+/// commands [`command`] builds.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = STARTING_NOFILE.set((soft, hard));
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 /// Builds `argv` to run inside the cgroup whose `cgroup.procs` is `join` (None: stay where we
 /// are, e.g. --global), as `identity` (None: as the current user), with `env` added.
 pub fn command(
@@ -115,10 +132,16 @@ pub fn command(
         cmd.env("HOME", &id.home).env("USER", &id.name).env("LOGNAME", &id.name);
     }
     let identity = identity.cloned();
-    // SAFETY: the closure only makes async-signal-safe syscalls (write, setgroups, setgid,
-    // setuid) on data prepared before the fork.
+    let nofile = STARTING_NOFILE.get().map(|&(soft, hard)| libc::rlimit { rlim_cur: soft, rlim_max: hard });
+    // SAFETY: the closure only makes async-signal-safe syscalls (setrlimit, write, setgroups,
+    // setgid, setuid) on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(limit) = &nofile {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if let Some(procs) = &join {
                 nix::unistd::write(procs.as_fd(), b"0")?;
             }
