@@ -342,7 +342,10 @@ fn least_privilege_roles_work_and_each_missing_verb_is_named_with_its_rule() -> 
                 "grant it with a Role rule {{apiGroups: [\"{group}\"], resources: [\"{resource}\"], verbs: [{verbs}]}} (see docs/examples/rbac.yaml)"
             )
         };
-        let cases: Vec<(&str, &str, &str, Vec<&str>, Option<String>)> = vec![
+        // (API group, resource, the verb taken away, up's pod flags, the 403 line expected, or
+        // None where up succeeds without that verb)
+        type Case<'a> = (&'a str, &'a str, &'a str, Vec<&'a str>, Option<String>);
+        let cases: Vec<Case> = vec![
             ("", "pods", "get", vec!["--pod", "app-0"], Some(format!("you may not get pods in namespace \"default\" (pods \"app-0\" is forbidden: User \"dev-get@example.com\" cannot get resource \"pods\" in API group \"\" in the namespace \"default\"); {}", rule("", "pods", "\"get\"")))),
             ("", "pods", "list", vec!["--pod", "app-0"], Some(format!("you may not list pods in namespace \"default\" ({}); {}", "pods \"app-0\" is forbidden: User \"dev-list@example.com\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\"", rule("", "pods", "\"list\"")))),
             ("", "pods", "list", vec!["--statefulset", "app"], Some(format!("you may not list pods in namespace \"default\" (pods is forbidden: User \"dev-list@example.com\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\"); {}", rule("", "pods", "\"list\"")))),
