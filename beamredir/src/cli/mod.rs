@@ -365,14 +365,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Raises the soft limit on open files to the hard limit. The network part needs it: each
-/// forwarded connection holds two descriptors (local and API server), and 1024 is the usual
-/// soft default. The root part needs it for its listeners (one per forward). The commands
-/// either part runs through `session::runas::command` get the original limit back.
-pub fn raise_fd_limit() {
-    beamredir::session::runas::raise_fd_limit();
-}
-
 /// Marks every descriptor from `first` up close-on-exec: whatever beamredir inherited from
 /// the process that started it (sudo closes them; a root shell, a test harness or a service
 /// manager may not) must not pass on to the network part, which runs as the invoking user, or

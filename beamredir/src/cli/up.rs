@@ -83,8 +83,9 @@ pub fn run_session(state: StateDir, request: SessionRequest, verbose: u8, quiet:
         runas::check_program(program)?;
     }
     let owner = owner_ids()?;
-    // Listeners are capped by this part's descriptor limit (see `privsep::root::Listeners`).
-    super::raise_fd_limit();
+    // Listeners are capped by this part's descriptor limit (see `privsep::root::Listeners`);
+    // the commands it runs get the original limit back.
+    runas::raise_fd_limit();
     let claim = SessionClaim::take(state, &request.session)?;
     // On the main thread, before any other thread exists: the network part's parent-death
     // signal follows the thread that started it.
@@ -254,7 +255,8 @@ fn peer_rule(session: &ActiveSession, owner_uid: u32) -> PeerRule {
 
 /// `beamredir __network-part`: the unprivileged part (see [`beamredir::up::run`]).
 pub fn network_part() -> Result<i32> {
-    super::raise_fd_limit();
+    // Two descriptors per forwarded connection (local and API server).
+    runas::raise_fd_limit();
     let runtime = super::runtime()?;
     let code = runtime.block_on(async {
         let (root, from_root) = RootLink::<NetConfig>::from_inherited_fd()?;

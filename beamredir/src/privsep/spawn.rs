@@ -189,12 +189,7 @@ pub fn spawn_network_part(
     // signal) on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            // dup2 clears close-on-exec on the new fd (but is a no-op if it already is fd 3).
-            if fd == CHANNEL_FD {
-                libc::fcntl(fd, libc::F_SETFD, 0);
-            } else if libc::dup2(fd, CHANNEL_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            crate::session::runas::inherit_as(fd, CHANNEL_FD)?;
             drop_bounding_and_ambient()?;
             if let Some(id) = &identity {
                 nix::unistd::setgroups(&id.groups)?;

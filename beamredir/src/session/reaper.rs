@@ -40,15 +40,7 @@ pub fn spawn(state: &StateDir, name: &str) -> std::io::Result<ReaperLink> {
     // SAFETY: dup2, setsid and signal are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            // dup2 clears close-on-exec on the new fd, but is a no-op when the pipe already is
-            // fd 3: then clear it by hand, or the reaper starts without its pipe.
-            if fd == PIPE_FD {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, PIPE_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            super::runas::inherit_as(fd, PIPE_FD)?;
             // Its own session: the terminal's Ctrl-C and hangup are the session's business.
             libc::setsid();
             for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {

@@ -97,13 +97,33 @@ impl Identity {
     }
 }
 
+/// In a child between fork and exec (async-signal-safe): makes `fd` the child's `target`
+/// descriptor, inherited across exec. dup2 clears close-on-exec on the copy, but is a no-op
+/// when `fd` already is `target`: then close-on-exec is cleared by hand, or the program would
+/// start without it.
+pub fn inherit_as(fd: i32, target: i32) -> std::io::Result<()> {
+    // SAFETY: fcntl and dup2 on descriptors of this process; both async-signal-safe.
+    let rc = unsafe {
+        if fd == target {
+            libc::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(fd, target)
+        }
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The open-file limit this process started with, if it raised its own since: every command
 /// it runs gets the original back (epmd and other select()-based programs break with a huge
 /// soft limit, and a command should see the limit its user gave it).
 static STARTING_NOFILE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
 
-/// Raises the soft limit on open files to the hard limit, keeping the original for the
-/// commands [`command`] builds.
+/// Raises the soft limit on open files to the hard limit (1024, the usual soft default, is
+/// too few for a session's forwards), keeping the original for the commands [`command`]
+/// builds.
 pub fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
