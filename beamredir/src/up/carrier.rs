@@ -20,7 +20,7 @@
 //! seconds, for a connection that is about to come.
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex, OnceLock, Weak},
+    sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
@@ -47,16 +47,18 @@ type Key = (String, String, u16);
 type Ready<T> = Vec<(Instant, String, T)>;
 
 /// Port-forwards opened ahead of a connection, by (namespace, pod, port): what the pod
-/// incarnation was when each was opened, and when. Bounded in number and age.
-struct Prepared<T> {
+/// incarnation was when each was opened, and when. Bounded in number and age. One per session
+/// ([`Up::prepared`]).
+pub struct Prepared<T> {
     streams: Mutex<HashMap<Key, Ready<T>>>,
     ttl: Duration,
     max: usize,
 }
 
-fn prepared() -> &'static Prepared<Connection> {
-    static PREPARED: OnceLock<Prepared<Connection>> = OnceLock::new();
-    PREPARED.get_or_init(|| Prepared::new(PREPARED_TTL, PREPARED_MAX))
+impl Prepared<Connection> {
+    pub fn for_session() -> Self {
+        Prepared::new(PREPARED_TTL, PREPARED_MAX)
+    }
 }
 
 impl<T> Prepared<T> {
@@ -68,31 +70,40 @@ impl<T> Prepared<T> {
         }
     }
 
-    /// Whether another stream may be prepared for `key` (expired ones are dropped, i.e.
-    /// closed, first).
-    fn has_room(&self, key: &Key) -> bool {
+    /// Runs `f` on the streams for `key` that are still fresh (the expired ones are dropped,
+    /// i.e. closed, first).
+    fn with_fresh<R>(&self, key: &Key, f: impl FnOnce(&mut Ready<T>) -> R) -> R {
         let mut all = self.streams.lock().unwrap();
         let list = all.entry(key.clone()).or_default();
         list.retain(|(t, _, _)| t.elapsed() < self.ttl);
-        list.len() < self.max
+        f(list)
     }
 
-    fn put(&self, key: Key, uid: String, stream: T) {
-        let mut all = self.streams.lock().unwrap();
-        let list = all.entry(key).or_default();
-        list.retain(|(t, _, _)| t.elapsed() < self.ttl);
-        if list.len() < self.max {
-            list.push((Instant::now(), uid, stream));
-        }
+    /// Whether another stream may be prepared for `key`.
+    fn has_room(&self, key: &Key) -> bool {
+        self.with_fresh(key, |list| list.len() < self.max)
+    }
+
+    fn put(&self, key: &Key, uid: String, stream: T) {
+        self.with_fresh(key, |list| {
+            if list.len() < self.max {
+                list.push((Instant::now(), uid, stream));
+            }
+        });
     }
 
     /// The oldest stream still fresh for this pod incarnation (the first asked for was the first
-    /// prepared).
+    /// prepared); those opened to an earlier incarnation are dropped.
     fn take(&self, key: &Key, uid: &str) -> Option<T> {
-        let mut all = self.streams.lock().unwrap();
-        let list = all.get_mut(key)?;
-        list.retain(|(t, u, _)| t.elapsed() < self.ttl && u == uid);
-        (!list.is_empty()).then(|| list.remove(0).2)
+        self.with_fresh(key, |list| {
+            list.retain(|(_, u, _)| u == uid);
+            (!list.is_empty()).then(|| list.remove(0).2)
+        })
+    }
+
+    /// Closes the streams for `key` that nobody took in time.
+    fn expire(&self, key: &Key) {
+        self.with_fresh(key, |_| ());
     }
 }
 
@@ -123,17 +134,21 @@ fn prepare_dist(up: &Arc<Up>, pod: &str, node: &str) {
         return;
     }
     let key: Key = (up.cluster.namespace.clone(), pod.to_string(), port);
-    if !prepared().has_room(&key) {
+    if !up.prepared.has_room(&key) {
         return;
     }
-    let (cluster, timeout) = (up.cluster.clone(), up.config.limits.upgrade_timeout());
+    let (weak, cluster, timeout) = (Arc::downgrade(up), up.cluster.clone(), up.config.limits.upgrade_timeout());
     tokio::spawn(async move {
         match portforward::open(&cluster, &key.1, port, timeout).await {
             Ok(conn) => {
-                prepared().put(key.clone(), uid, conn);
+                let Some(up) = weak.upgrade() else { return };
+                up.prepared.put(&key, uid, conn);
+                drop(up);
                 // Unused by then: closed.
                 tokio::time::sleep(PREPARED_TTL).await;
-                prepared().has_room(&key);
+                if let Some(up) = weak.upgrade() {
+                    up.prepared.expire(&key);
+                }
             }
             Err(e) => log::debug!("preparing a port-forward to pod {} port {port}: {e}", key.1),
         }
@@ -148,9 +163,11 @@ async fn open(
     port: u16,
     timeout: Duration,
 ) -> Result<Connection, String> {
-    let uid = weak.upgrade().and_then(|up| current_uid(&up, pod));
     let key = (cluster.namespace.clone(), pod.to_string(), port);
-    if let Some(conn) = uid.and_then(|uid| prepared().take(&key, &uid)) {
+    let prepared = weak
+        .upgrade()
+        .and_then(|up| up.prepared.take(&key, &current_uid(&up, pod)?));
+    if let Some(conn) = prepared {
         log::debug!(
             "pod {}/{pod} port {port}: a port-forward prepared while epmd answered",
             cluster.namespace
@@ -363,10 +380,10 @@ mod tests {
     #[test]
     fn prepared_streams_go_first_in_first_out_to_the_same_incarnation_only() {
         let p: Prepared<u32> = Prepared::new(Duration::from_secs(60), 2);
-        p.put(key(9000), "u1".into(), 1);
-        p.put(key(9000), "u1".into(), 2);
+        p.put(&key(9000), "u1".into(), 1);
+        p.put(&key(9000), "u1".into(), 2);
         assert!(!p.has_room(&key(9000)), "bounded");
-        p.put(key(9000), "u1".into(), 3);
+        p.put(&key(9000), "u1".into(), 3);
         assert_eq!(p.take(&key(9000), "u1"), Some(1));
         assert_eq!(p.take(&key(9001), "u1"), None, "another port");
         // The pod was replaced: what was opened to the old one is dropped, not handed out.
@@ -378,7 +395,7 @@ mod tests {
     #[test]
     fn prepared_streams_expire() {
         let p: Prepared<u32> = Prepared::new(Duration::from_millis(30), 4);
-        p.put(key(9000), "u1".into(), 1);
+        p.put(&key(9000), "u1".into(), 1);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(p.take(&key(9000), "u1"), None);
     }

@@ -127,6 +127,8 @@ pub struct Up {
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The local node's private cookie home (`remsh`/`observer`), removed when this part ends.
     pub cookie_file: Mutex<Option<crate::erlang::cookie::CookieFile>>,
+    /// Distribution port-forwards opened while epmd answers (see [`carrier`]).
+    pub prepared: carrier::Prepared<kube::client::Connection>,
     started: AtomicBool,
     closed: AtomicBool,
 }
@@ -266,6 +268,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         registry,
         background: Mutex::new(Vec::new()),
         cookie_file: Mutex::new(None),
+        prepared: carrier::Prepared::for_session(),
         started: AtomicBool::new(false),
         closed: AtomicBool::new(false),
     });
