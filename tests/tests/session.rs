@@ -173,6 +173,28 @@ fn down_without_the_control_socket_signals_the_session_and_it_cleans_up() -> Res
     Ok(())
 }
 
+/// The reaper started by hand, without the pipe a session gives it on fd 3: it says so and
+/// exits at once, acting on nothing (it once ran on, waiting on a pid instead).
+#[test]
+fn a_reaper_without_its_pipe_refuses_at_once() -> Result<()> {
+    let bed = TestBed::start()?;
+    let mut cmd = bed.beamredir();
+    cmd.args(["__reaper", "nosuch", "1"]).stdin(Stdio::null());
+    // SAFETY: close is async-signal-safe; whatever this harness has on fd 3 is not passed on.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::close(3);
+            Ok(())
+        });
+    }
+    let out = cmd.output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("beamredir: error: __reaper is started by a session"), "{err}");
+    Ok(())
+}
+
 /// A cgroup the test owns, removed on drop.
 struct OwnCgroup(std::path::PathBuf);
 impl Drop for OwnCgroup {

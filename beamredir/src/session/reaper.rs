@@ -64,6 +64,9 @@ pub fn run(state: &StateDir, name: &str, pid: u32) -> i32 {
     let is_pipe = nix::sys::stat::fstat(PIPE_FD)
         .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
     if !is_pipe {
+        eprintln!(
+            "beamredir: error: {REAPER_COMMAND} is started by a session, with its pipe on fd 3, and there is none: nothing to do"
+        );
         return 2;
     }
     // SAFETY: fd 3 is the pipe (checked above), and nothing else in this process owns it.
