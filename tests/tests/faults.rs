@@ -492,6 +492,49 @@ fn load_2000_connections_against_a_cap_of_512_wait_or_are_refused_and_status_kee
     Ok(())
 }
 
+// ---- 1c. the wait past the cap ----
+
+/// `--connection-wait` decides what a connection past the cap gets: with a wait, a slot once a
+/// carried echo ends; with 0, a close at once. Same burst, same cap, both settings.
+#[test]
+fn connection_wait_decides_whether_a_connection_past_the_cap_waits_or_is_closed() -> Result<()> {
+    let cluster = SimCluster::start(ECHO_MANIFEST)?;
+    for wait in ["10s", "0"] {
+        let (s, addr) = Session::echo(
+            &cluster,
+            &["--max-connections", "2", "--connection-wait", wait],
+        )?;
+        let r = s.load(
+            &["burst", "--addr", &addr, "--conns", "20", "--bytes", "65536"],
+            Duration::from_secs(120),
+        )?;
+        let conns = s.connections();
+        eprintln!("faults: cap 2, --connection-wait {wait}, 20 x 64 KiB: {r}; {conns}");
+        ensure!(r["corrupted"] == 0, "{r}");
+        ensure!(
+            r["ok"].as_u64().unwrap() + r["lost"].as_u64().unwrap() == 20,
+            "{r}"
+        );
+        ensure!(r["lost"] == conns["over_limit"], "{r} {conns}");
+        ensure!(conns["waited"].as_u64() > Some(0), "nobody met the cap: {conns}");
+        if wait == "0" {
+            // 20 at once against 2 slots: at least one found none and was closed at once.
+            ensure!(conns["over_limit"].as_u64() > Some(0), "{conns}");
+            ensure!(
+                s.log_text().contains(
+                    "2 connections are open already (--max-connections) and --connection-wait is 0"
+                ),
+                "{}",
+                s.log_text()
+            );
+        } else {
+            // Each echo takes milliseconds: every waiting connection got its slot.
+            ensure!(r["ok"] == 20, "with a wait, none is closed: {r} {conns}");
+        }
+    }
+    Ok(())
+}
+
 // ---- 2. hung API server ----
 
 #[test]

@@ -218,9 +218,12 @@ impl ClusterArgs {
 /// Bounds on what a session holds (see docs/reliability.md).
 #[derive(Args, Debug, Clone)]
 pub struct LimitArgs {
-    /// Concurrent forwarded connections, all forwards together; past it, connections wait up to 5 s for a slot, then are closed.
+    /// Concurrent forwarded connections, all forwards together; past it, a connection waits (--connection-wait) for a slot, then is closed.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections: u32,
+    /// How long a connection past --max-connections waits for a slot before it is closed (0: closed at once).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_wait)]
+    pub connection_wait: Duration,
     /// Ports forwarded per pod (its epmd and the distribution ports it lists).
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_ports_per_pod: u32,
@@ -229,8 +232,25 @@ pub struct LimitArgs {
     pub upgrade_timeout: Duration,
 }
 
-/// `15s`, `500ms`, `2m`, or plain seconds.
+/// `15s`, `500ms`, `2m`, or plain seconds; between 1ms and 10m.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_span(s)?;
+    if d.is_zero() || d > Duration::from_secs(600) {
+        return Err(format!("{s:?}: give a duration between 1ms and 10m"));
+    }
+    Ok(d)
+}
+
+/// As [`parse_duration`], and 0 too (no wait at all).
+pub(crate) fn parse_wait(s: &str) -> Result<Duration, String> {
+    let d = parse_span(s)?;
+    if d > Duration::from_secs(600) {
+        return Err(format!("{s:?}: give a duration between 0 and 10m"));
+    }
+    Ok(d)
+}
+
+fn parse_span(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map(|i| s.split_at(i))
@@ -241,12 +261,13 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(60 * n),
+        // Checked: a huge count of minutes must be an error, not an overflow.
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{s:?} is too long"))?,
         _ => return Err(format!("{s:?} is not a duration (e.g. 15s, 500ms, 2m)")),
     };
-    if d.is_zero() || d > Duration::from_secs(600) {
-        return Err(format!("{s:?}: give a duration between 1ms and 10m"));
-    }
     Ok(d)
 }
 
@@ -448,5 +469,32 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Completions(args) => completions::completions(&args),
         Command::Man(args) => completions::man(&args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_and_bounds() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("0").is_err(), "a timeout of 0 is refused");
+        assert!(parse_duration("11m").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration(&format!("{}m", u64::MAX)).is_err(), "no overflow");
+    }
+
+    #[test]
+    fn a_wait_may_be_zero() {
+        assert_eq!(parse_wait("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_wait("0ms"), Ok(Duration::ZERO));
+        assert_eq!(parse_wait("5s"), Ok(Duration::from_secs(5)));
+        assert!(parse_wait("11m").is_err());
     }
 }

@@ -61,6 +61,7 @@ pub fn pod_source(pods: &[String], statefulset: &Option<String>, selector: &Opti
 pub fn limits(args: &super::LimitArgs, scope: &super::ScopeArgs) -> Limits {
     Limits {
         max_connections: args.max_connections as usize,
+        connection_wait_ms: args.connection_wait.as_millis() as u64,
         max_redirects: scope.max_redirects as usize,
         max_ports_per_pod: args.max_ports_per_pod as usize,
         upgrade_timeout_ms: args.upgrade_timeout.as_millis() as u64,

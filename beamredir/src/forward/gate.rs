@@ -34,10 +34,16 @@ pub enum Refused {
     Unknown(SocketAddr),
     #[error("peer lookup failed: {0}")]
     Lookup(String),
-    #[error(
-        "{limit} connections are open already (--max-connections) and none ended within {wait:?}"
-    )]
+    #[error("{limit} connections are open already (--max-connections) and {}", waited(.wait))]
     OverLimit { limit: usize, wait: Duration },
+}
+
+fn waited(wait: &Duration) -> String {
+    if wait.is_zero() {
+        "--connection-wait is 0".into()
+    } else {
+        format!("none ended within {wait:?} (--connection-wait)")
+    }
 }
 
 #[derive(Default)]
