@@ -69,6 +69,27 @@ pub fn limits(args: &super::LimitArgs, scope: &super::ScopeArgs) -> Limits {
     }
 }
 
+/// The command the session runs: the user's own (`up -- CMD`), else the one the network part
+/// worked out, which is taken only when the session asked for one (remsh, observer) and within
+/// bounds. A plain `up` never runs what the network part names.
+fn session_command(
+    asked: &[String],
+    shell_task: bool,
+    offered: Option<SessionCommand>,
+) -> Result<Option<SessionCommand>, &'static str> {
+    if !asked.is_empty() {
+        return Ok(Some(SessionCommand { argv: asked.to_vec(), env: Vec::new() }));
+    }
+    match offered {
+        None => Ok(None),
+        Some(_) if !shell_task => Err("a command this session did not ask for"),
+        Some(c) if c.argv.is_empty() || c.argv.len() > 1024 || c.env.len() > 64 => {
+            Err("a command out of bounds (1-1024 arguments, at most 64 environment entries)")
+        }
+        Some(c) => Ok(Some(c)),
+    }
+}
+
 pub fn up(state: StateDir, args: UpArgs, verbose: u8, quiet: bool) -> Result<i32> {
     let session = args.scope.name(|| beamredir::session::DEFAULT_SESSION.to_string());
     let source = pod_source(&args.pods, &args.statefulset, &args.selector, &args.service);
@@ -172,16 +193,17 @@ async fn root_part(
             }
         }
     };
-    // A command the network part works out (remsh, observer) runs as the invoking user. When
-    // root itself runs beamredir (no sudo), the user is root and so is the command; the network
-    // part is uid 0 then too (without capabilities), see docs/security.md.
-    let command = match (request.command.is_empty(), command) {
-        (false, _) => Some(SessionCommand {
-            argv: request.command.clone(),
-            env: Vec::new(),
-        }),
-        (true, Some(c)) if !c.argv.is_empty() && c.argv.len() <= 1024 && c.env.len() <= 64 => Some(c),
-        _ => None,
+    // A command the network part works out runs as the invoking user, and only when this
+    // session was asked for one. When root itself runs beamredir (no sudo), the user is root
+    // and so is the command; the network part is uid 0 then too (without capabilities), see
+    // docs/security.md.
+    let command = match session_command(&request.command, request.config.shell.is_some(), command) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = net.refuse(start_id, e.to_string()).await;
+            net.stop().await;
+            bail!("the network part named {e}; nothing was run");
+        }
     };
     let checked = net
         .listeners
@@ -265,4 +287,33 @@ pub fn network_part() -> Result<i32> {
     });
     runtime.shutdown_timeout(Duration::from_millis(200));
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(argv: &[&str]) -> SessionCommand {
+        SessionCommand {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_network_part_names_a_command_only_for_a_session_that_asked_for_one() {
+        // `up` without a command: nothing runs, and an offered command ends the session.
+        assert_eq!(session_command(&[], false, None).unwrap(), None);
+        assert!(session_command(&[], false, Some(cmd(&["/bin/sh"]))).is_err());
+        // remsh/observer: the network part's command, within bounds.
+        let remsh = cmd(&["erl", "-remsh", "app@10.0.0.1"]);
+        assert_eq!(session_command(&[], true, Some(remsh.clone())).unwrap(), Some(remsh));
+        assert!(session_command(&[], true, Some(cmd(&[]))).is_err());
+        let long = vec!["x"; 1025];
+        assert!(session_command(&[], true, Some(cmd(&long))).is_err());
+        // `up -- CMD`: the user's own command, whatever the network part says.
+        let asked = vec!["erl".to_string()];
+        let got = session_command(&asked, false, Some(cmd(&["/bin/sh"]))).unwrap().unwrap();
+        assert_eq!(got.argv, asked);
+    }
 }
