@@ -227,6 +227,11 @@ fn rpc_evaluates_erlang_on_the_node_from_rust() -> Result<()> {
     assert!(err.contains("syntax error"), "{err}");
     let (code, out, _) = rpc_proto(&pod, &good, &["--runtime"])?;
     assert_eq!((code, out.as_str()), (0, "elixir=false iex=false\n"));
+    // A node that prints more than beamredir keeps: the first 16 MiB, the value, and a line.
+    let (code, out, err) = rpc_proto(&pod, &good, &["[io:put_chars(binary:copy(<<\"x\">>, 1000000)) || _ <- lists:seq(1, 17)], done"])?;
+    assert_eq!((code, out.len()), (0, 16 * 1024 * 1024 + "done\n".len()), "{err}");
+    assert!(out.ends_with("xdone\n"));
+    assert!(err.contains("the node printed more than 16 MiB; the rest was dropped"), "{err}");
 
     let bad = dir.path().join("bad");
     std::fs::write(&bad, "wrong-cookie\n")?;

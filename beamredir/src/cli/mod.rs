@@ -359,15 +359,17 @@ pub fn init_logging(cli: &Cli) {
                 log::LevelFilter::Off
             },
         )
-        .format(|buf, record| {
-            writeln!(
-                buf,
-                "beamredir: {}: {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            )
-        })
+        // Log lines carry what the cluster and the pods said (kubelet errors, epmd and node
+        // names): no terminal escapes reach the user's terminal through them.
+        .format(|buf, record| writeln!(buf, "{}", log_line(record.level(), record.args())))
         .init();
+}
+
+/// One log record as printed: `beamredir: LEVEL: TEXT`, without control characters or
+/// bidirectional overrides, at most 16 KiB.
+fn log_line(level: log::Level, args: &std::fmt::Arguments) -> String {
+    let text = beamredir::privsep::messages::printable(&args.to_string(), 16 * 1024);
+    format!("beamredir: {}: {text}", level.as_str().to_lowercase())
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -488,6 +490,13 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration(&format!("{}m", u64::MAX)).is_err(), "no overflow");
+    }
+
+    #[test]
+    fn log_lines_carry_no_terminal_escapes() {
+        let node = "app\u{1b}]0;owned\u{7}@10.0.0.1\u{202e}";
+        let line = log_line(log::Level::Warn, &format_args!("node {node} did not answer"));
+        assert_eq!(line, "beamredir: warn: node app]0;owned@10.0.0.1 did not answer");
     }
 
     #[test]

@@ -31,6 +31,10 @@ use super::{
 /// Longest expression accepted (its code points travel as tokens: about 20 bytes each).
 pub const MAX_EXPRESSION: usize = 64 * 1024;
 
+/// Most of what an evaluation's printing is kept (a node can print without end within the
+/// timeout); past it the rest is dropped and stderr says so.
+pub const MAX_PRINTED: usize = 16 * 1024 * 1024;
+
 /// How often to tick while waiting for a reply (nodes drop a silent peer after `net_ticktime`,
 /// 60 s by default, and tick every quarter of it).
 const TICK_EVERY: Duration = Duration::from_secs(15);
@@ -45,8 +49,10 @@ pub enum Language {
 /// What an evaluation produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Evaluation {
-    /// What the expression printed on the node, in order.
+    /// What the expression printed on the node, in order (at most [`MAX_PRINTED`] bytes).
     pub output: Vec<u8>,
+    /// The node printed more than [`MAX_PRINTED`]; the rest was dropped.
+    pub output_cut: bool,
     pub outcome: Outcome,
 }
 
@@ -74,6 +80,9 @@ impl Evaluation {
     /// Prints the node's output and the value to `out`, or the error to `err`.
     pub fn print(&self, out: &mut dyn std::io::Write, err: &mut dyn std::io::Write) -> std::io::Result<()> {
         out.write_all(&self.output)?;
+        if self.output_cut {
+            writeln!(err, "beamredir: the node printed more than {} MiB; the rest was dropped", MAX_PRINTED >> 20)?;
+        }
         match &self.outcome {
             Outcome::Value(v) => writeln!(out, "{v}"),
             Outcome::Raised(e) | Outcome::ParseError(e) => writeln!(err, "{}", e.trim_end()),
@@ -180,7 +189,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RpcClient<S> {
             match payload.as_tuple() {
                 Some([Term::Atom(tag), data]) if tag == "rex_stdout" => {
                     if let Some(bytes) = data.as_bytes() {
-                        printed.extend_from_slice(&bytes);
+                        // One byte past the bound marks the output as cut (see eval).
+                        let room = (MAX_PRINTED + 1).saturating_sub(printed.len());
+                        printed.extend_from_slice(&bytes[..bytes.len().min(room)]);
                     }
                 }
                 Some([Term::Atom(tag), reply]) if tag == "rex" => {
@@ -233,7 +244,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RpcClient<S> {
             }
             _ => return Err(unexpected("the wrapper", result)),
         };
-        Ok(Evaluation { output, outcome })
+        let mut output = output;
+        let output_cut = output.len() > MAX_PRINTED;
+        output.truncate(MAX_PRINTED);
+        Ok(Evaluation { output, output_cut, outcome })
     }
 
     /// Asks the node whether it runs Elixir and has IEx.
@@ -347,14 +361,19 @@ mod tests {
 
     #[test]
     fn exit_codes_and_printing() {
-        let e = Evaluation { output: b"hi\n".to_vec(), outcome: Outcome::Value("[1,2,3]".into()) };
+        let e = Evaluation { output: b"hi\n".to_vec(), output_cut: false, outcome: Outcome::Value("[1,2,3]".into()) };
         let (mut out, mut err) = (Vec::new(), Vec::new());
         e.print(&mut out, &mut err).unwrap();
         assert_eq!((out.as_slice(), err.as_slice(), e.exit_code()), (&b"hi\n[1,2,3]\n"[..], &b""[..], 0));
-        let e = Evaluation { output: vec![], outcome: Outcome::Raised("** exception error: bad\n".into()) };
+        let e = Evaluation { output: vec![], output_cut: false, outcome: Outcome::Raised("** exception error: bad\n".into()) };
         let (mut out, mut err) = (Vec::new(), Vec::new());
         e.print(&mut out, &mut err).unwrap();
         assert_eq!((out.len(), err.as_slice(), e.exit_code()), (0, &b"** exception error: bad\n"[..], 1));
-        assert_eq!(Evaluation { output: vec![], outcome: Outcome::ParseError("x".into()) }.exit_code(), 2);
+        assert_eq!(Evaluation { output: vec![], output_cut: false, outcome: Outcome::ParseError("x".into()) }.exit_code(), 2);
+        let e = Evaluation { output: b"xx".to_vec(), output_cut: true, outcome: Outcome::Value("ok".into()) };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        e.print(&mut out, &mut err).unwrap();
+        assert_eq!(out.as_slice(), b"xxok\n");
+        assert_eq!(String::from_utf8(err).unwrap(), "beamredir: the node printed more than 16 MiB; the rest was dropped\n");
     }
 }

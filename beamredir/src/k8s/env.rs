@@ -57,13 +57,23 @@ pub fn pieces(s: &str) -> impl Iterator<Item = Piece<'_>> {
 
 /// Kubernetes' `$(VAR)` expansion (unknown references stay as they are; `$$` is `$`).
 pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
-    pieces(s)
-        .map(|p| match p {
+    let mut out = String::new();
+    for p in pieces(s) {
+        let piece = match p {
             Piece::Text(t) => t,
             Piece::Var { name, written } => vars.get(name).map_or(written, String::as_str),
-        })
-        .collect()
+        };
+        // A spec can double a value with each variable (`B=$(A)$(A)`): stop at the bound.
+        if out.len() + piece.len() > MAX_EXPANDED {
+            break;
+        }
+        out.push_str(piece);
+    }
+    out
 }
+
+/// The longest value an expansion makes (what an Erlang node name or cookie needs is far less).
+pub const MAX_EXPANDED: usize = 64 * 1024;
 
 /// The downward-API fields beamredir can see from the pod object.
 pub fn field_ref(pod: &Pod, path: &str, ip: Option<IpAddr>) -> Option<String> {
@@ -133,6 +143,18 @@ pub fn flag_value<'a>(words: &'a [String], flags: &[&str]) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doubling_variables_stop_at_the_bound() {
+        let mut vars = BTreeMap::new();
+        vars.insert("V0".to_string(), "x".repeat(1000));
+        for i in 1..64 {
+            let v = expand(&format!("$(V{})$(V{})", i - 1, i - 1), &vars);
+            assert!(v.len() <= MAX_EXPANDED, "{}", v.len());
+            vars.insert(format!("V{i}"), v);
+        }
+        assert!(vars["V63"].len() > MAX_EXPANDED / 2);
+    }
 
     #[test]
     fn expansion_like_the_kubelet() {

@@ -46,7 +46,8 @@ pub async fn run(task: RpcTask) -> i32 {
     match evaluate(&task).await {
         Ok(code) => code,
         Err(message) => {
-            eprintln!("beamredir: error: {message}");
+            // The message may quote the node or the cluster: no terminal escapes through it.
+            eprintln!("beamredir: error: {}", crate::privsep::messages::printable(&message, 16 * 1024));
             EXIT_UNREACHABLE
         }
     }
