@@ -11,10 +11,11 @@
 //! * [`forward`]: local forwards, who may use them, and their bounds (network part);
 //! * [`up`]: following pods and keeping redirects in step (network part);
 //! * [`erlang`]: the EPMD protocol (and the Erlang side of connecting);
-//! * [`mapping`]: one redirect and its command-line form;
+//! * [`mapping`]: one redirect and its command-line form; [`flags`]: durations as flags take them;
 //! * [`doctor`]: checking the host can run beamredir.
 pub mod doctor;
 pub mod erlang;
+pub mod flags;
 pub mod forward;
 pub mod k8s;
 pub mod kernel;

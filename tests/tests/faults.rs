@@ -643,6 +643,41 @@ fn hung_api_server_each_upgrade_times_out_with_one_line_and_nothing_leaks() -> R
     Ok(())
 }
 
+/// An API server that accepts connections and never answers (not even TLS): `up` and `rpc`
+/// each end with one line naming `--request-timeout`, a failing exit and nothing left; once
+/// the server answers again, the same commands work.
+#[test]
+fn an_api_server_that_never_answers_fails_up_and_rpc_with_one_line_and_leaves_nothing() -> Result<()> {
+    let cluster = SimCluster::start(ECHO_MANIFEST)?;
+    let state = TempDir::new("brstate")?;
+    let session = unique("hung");
+    let up: Vec<&str> = vec!["up", "--session", &session, "--pod", "app-0", "--request-timeout", "2s", "--", "true"];
+    let rpc: Vec<&str> = vec!["rpc", "app-0", "node().", "--request-timeout", "2s"];
+    let cgroup = beamredir_testbed::cgroup2_root()?.join("beamredir").join(&session);
+    cluster.hang_api_server(Hang::Everything);
+    for args in [&up, &rpc] {
+        let out = output_within(cluster.beamredir(state.path()).args(args), Duration::from_secs(60))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("faults: hung API server, {}: {}", args[0], stderr.trim());
+        ensure!(!out.status.success(), "{args:?} succeeded");
+        ensure!(
+            stderr.trim().lines().count() == 1
+                && stderr.contains("cannot reach the Kubernetes API server at")
+                && stderr.contains("no answer within 2s (--request-timeout)"),
+            "{args:?}: {stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(state.path())?.filter_map(Result::ok).map(|e| e.file_name()).collect();
+        ensure!(left.is_empty(), "{args:?} left {left:?}");
+        ensure!(!cgroup.exists(), "{args:?} left its cgroup");
+    }
+    cluster.hang_api_server(Hang::None);
+    for args in [&up, &rpc] {
+        let out = output_within(cluster.beamredir(state.path()).args(args), Duration::from_secs(120))?;
+        ensure!(out.status.success(), "{args:?} once the server answers: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 // ---- 3. blackholed API server ----
 
 #[test]

@@ -101,7 +101,7 @@ pub struct RpcArgs {
     #[arg(long)]
     pub elixir: bool,
     /// How long the evaluation may take.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = super::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = beamredir::flags::parse_duration)]
     pub timeout: Duration,
     #[command(flatten)]
     pub target: TargetArgs,

@@ -27,6 +27,7 @@ use kube::client::ConfigExt;
 use tower::{BoxError, Service, ServiceBuilder};
 
 use super::{
+    deadline::Deadlines,
     error::{K8sError, chain},
     spares::{Liveness, Spares, with_spares},
 };
@@ -209,7 +210,7 @@ where
     }
 }
 
-fn build<C>(config: &kube::Config, connector: C) -> Result<(kube::Client, Spares), K8sError>
+fn build<C>(config: &kube::Config, connector: C, request_timeout: Duration) -> Result<(kube::Client, Spares), K8sError>
 where
     C: tower::Service<Uri> + Clone + Send + Sync + 'static,
     C::Response: hyper::rt::Read
@@ -233,7 +234,7 @@ where
         .option_layer(config.auth_layer().map_err(fail)?)
         .layer(config.extra_headers_layer().map_err(fail)?)
         .map_err(BoxError::from)
-        .service(http);
+        .service(Deadlines::new(http, request_timeout));
     Ok((
         kube::Client::new(service, config.default_namespace.clone()),
         spares,
@@ -241,15 +242,15 @@ where
 }
 
 /// A client for `config`, through the proxy kube chose, if any, and its spare connections.
-pub fn client(config: &kube::Config) -> Result<(kube::Client, Spares), K8sError> {
+pub fn client(config: &kube::Config, request_timeout: Duration) -> Result<(kube::Client, Spares), K8sError> {
     match &config.proxy_url {
-        None => build(config, ReadAheadConnector(tcp_connector())),
+        None => build(config, ReadAheadConnector(tcp_connector()), request_timeout),
         Some(proxy) if proxy.scheme_str() == Some("http") => {
             let mut tunnel = Tunnel::new(proxy.clone(), ReadAheadConnector(tcp_connector()));
             if let Some(auth) = proxy_auth(proxy) {
                 tunnel = tunnel.with_auth(auth);
             }
-            build(config, tunnel)
+            build(config, tunnel, request_timeout)
         }
         Some(proxy) if proxy.scheme_str() == Some("https") => {
             // TLS to the proxy, then CONNECT, then TLS to the API server inside.
@@ -260,7 +261,7 @@ pub fn client(config: &kube::Config) -> Result<(kube::Client, Spares), K8sError>
             if let Some(auth) = proxy_auth(proxy) {
                 tunnel = tunnel.with_auth(auth);
             }
-            build(config, tunnel)
+            build(config, tunnel, request_timeout)
         }
         Some(proxy) => Err(K8sError::Kubeconfig(format!(
             "proxy {proxy}: only http:// and https:// proxies are supported (from the kubeconfig's proxy-url or HTTPS_PROXY)"

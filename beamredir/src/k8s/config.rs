@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{K8sError, chain, transport};
 
 /// kubectl's flags, as `beamredir up` takes them.
-#[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
 pub struct KubeArgs {
     /// Path to the kubeconfig file (default: $KUBECONFIG, else ~/.kube/config of the user who ran sudo).
     #[arg(long, value_name = "PATH")]
@@ -21,7 +21,25 @@ pub struct KubeArgs {
     /// Namespace of the pods (default: the context's namespace, else "default").
     #[arg(short = 'n', long)]
     pub namespace: Option<String>,
+    /// How long an API request may take to be answered (0: no limit, as kubectl's default); watches and port-forward streams are bounded otherwise.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::flags::parse_wait)]
+    pub request_timeout: std::time::Duration,
 }
+
+impl Default for KubeArgs {
+    fn default() -> Self {
+        KubeArgs {
+            kubeconfig: None,
+            context: None,
+            namespace: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// `--request-timeout`'s default: long enough for a large list over a slow link, short enough
+/// that a hung API server or proxy is named before the user gives up.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A client for one cluster, plus what messages need to name.
 #[derive(Clone)]
@@ -141,7 +159,7 @@ impl Cluster {
         let proxy = route
             .proxy()
             .map(|p| super::proxy::clean(p).trim_end_matches('/').to_string());
-        let (client, spares) = super::client::client(&config).map_err(|e| match e {
+        let (client, spares) = super::client::client(&config, args.request_timeout).map_err(|e| match e {
             K8sError::Kubeconfig(reason) => transport(&std::io::Error::other(reason), &url),
             other => other,
         })?;

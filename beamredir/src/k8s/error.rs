@@ -92,13 +92,11 @@ pub enum K8sError {
 /// Renders an error chain on one line (only the first line of each cause: parsers add
 /// multi-line source excerpts).
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    // kube wraps what the HTTP stack said as "ServiceError: …"; the words after it are the news.
     let first_line = |e: &dyn std::error::Error| {
-        e.to_string()
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_string()
+        let text = e.to_string();
+        let line = text.lines().next().unwrap_or("").trim();
+        line.strip_prefix("ServiceError: ").unwrap_or(line).to_string()
     };
     let mut parts = vec![first_line(e)];
     let mut source = e.source();

@@ -4,7 +4,8 @@
 //! * [`config`]: kubeconfig/context/namespace resolution; [`plugins`]: credential plugins
 //!   found as the user's shell finds them; [`proxy`]: which proxy, as kubectl chooses it;
 //!   [`client`]: the HTTP client (nodelay, keepalive, proxies, 32 KiB TLS reads); [`spares`]:
-//!   connections kept ready while port-forwards are being opened;
+//!   connections kept ready while port-forwards are being opened; [`deadline`]: no request
+//!   waits for ever;
 //! * [`lookup`]: pods by name, selector, StatefulSet or Service;
 //! * [`pod`]: what a pod object says (reachability, addresses, the Erlang container, ports);
 //! * [`env`]: a container's environment and command line as the kubelet builds them;
@@ -17,6 +18,7 @@ pub mod authz;
 pub mod client;
 pub mod config;
 pub mod cookie;
+pub mod deadline;
 pub mod dns;
 pub mod env;
 pub mod error;

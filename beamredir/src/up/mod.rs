@@ -185,8 +185,9 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
         cluster.url,
         cluster.namespace
     );
+    // Nothing has been sent yet: the first request below is what reaches the server.
     root.progress(format!(
-        "connected to {} (namespace {})",
+        "asking {} (namespace {})",
         cluster.url, cluster.namespace
     ))
     .await;
