@@ -238,3 +238,41 @@ fn several_pods_by_name_all_stay_redirected_once_the_watches_have_listed() -> Re
     assert!(!log.contains("its redirects are removed"), "a pod was taken for gone:\n{log}");
     Ok(())
 }
+
+/// A StatefulSet scaled down from 3 to 1: the controller deletes app-2, then app-1. The session
+/// takes each one's redirects down, and once its names are no longer held (30 s) forgets it,
+/// so a session that follows pods through many rollouts does not keep every pod it ever saw.
+/// `status` then lists only app-0, whose redirects and node still work.
+#[test]
+fn a_scaled_down_statefulsets_pods_are_forgotten_and_the_rest_keep_working() -> Result<()> {
+    let cluster = SimCluster::start(MANIFEST)?;
+    let state = TempDir::new("brstate")?;
+    let session = unique("scale");
+    let log = state.path().join("up.log");
+    let _up = cluster.start_up_session(state.path(), &session, &["--statefulset", "app"], &log)?;
+    let names = |s: &serde_json::Value| -> Vec<String> {
+        s["pods"].as_array().into_iter().flatten().filter_map(|p| p["name"].as_str().map(String::from)).collect()
+    };
+    wait_until("three pods up", Duration::from_secs(60), || {
+        status_of(&cluster, &state, &session).is_some_and(|s| names(&s) == ["app-0", "app-1", "app-2"] && s["redirects"].as_array().is_some_and(|r| r.len() == 6))
+    })?;
+    cluster.scale_statefulset("app", 1)?;
+    wait_until("app-1 and app-2 to be forgotten", Duration::from_secs(180), || {
+        status_of(&cluster, &state, &session).is_some_and(|s| names(&s) == ["app-0"])
+    })
+    .with_context(|| format!("status: {:#?}\nlog:\n{}", status_of(&cluster, &state, &session), std::fs::read_to_string(&log).unwrap_or_default()))?;
+    let status = status_of(&cluster, &state, &session).context("status")?;
+    let ip = cluster.pod_ip("app-0").context("app-0")?.to_string();
+    let redirects = status["redirects"].as_array().cloned().unwrap_or_default();
+    assert!(redirects.len() == 2 && redirects.iter().all(|r| r["pod"].as_str().unwrap_or("").starts_with(&format!("{ip}:"))), "{status:#}");
+    assert!(cluster.pod("default", "app-1").is_none() && cluster.pod("default", "app-2").is_none(), "the controller deleted the surplus pods");
+    let script = format!("io:format(\"~p~n\", [net_adm:ping('{}')]), halt().", fqdn(0));
+    let out = run(cluster
+        .beamredir(state.path())
+        .args(["exec", "--session", &session, "--"])
+        .args(["erl", "-name", "debug@127.0.0.1", "-setcookie", COOKIE, "-hidden", "-noshell", "-eval", &script])
+        .env("HOME", state.path())
+        .stdin(Stdio::null()))?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pong"), "{}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}

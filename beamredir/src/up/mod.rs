@@ -380,15 +380,23 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
 
 /// Drops expired aliases (and republishes) every few seconds.
 async fn expire_aliases(up: Arc<Up>) {
+    let by_name = matches!(up.config.source, PodSource::Names(_));
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
-        if up
-            .table
-            .lock()
-            .unwrap()
-            .expire_aliases(std::time::Instant::now())
-        {
+        let changed = {
+            let mut table = up.table.lock().unwrap();
+            let changed = table.expire_aliases(std::time::Instant::now());
+            // A selector's deleted pods, once their names are no longer held, are forgotten.
+            if !by_name {
+                let forgotten = up.reconcilers.forget_gone(&mut table);
+                if forgotten > 0 {
+                    log::debug!("forgot {forgotten} deleted pod(s)");
+                }
+            }
+            changed
+        };
+        if changed {
             up.publisher.publish().await;
         }
     }

@@ -13,7 +13,7 @@ use std::{
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::{Semaphore, watch};
 
-use super::{PodSource, Up, carrier::carrier, discover::discover};
+use super::{PodSource, Up, carrier::carrier, discover::discover, table::PodTable};
 use crate::{
     forward::registry::FamilyKey,
     k8s::{K8sError, pod::PodTarget},
@@ -92,6 +92,34 @@ impl Reconcilers {
         att_rx
     }
 
+    /// Forgets the pods that are gone for good: deleted (the newest observation), that
+    /// reconcile done, and their names no longer held nor their old addresses aliased. Their
+    /// reconciler ends and their table entry goes, so a session that follows a Deployment
+    /// through many rollouts does not keep every pod it ever saw. A pod that comes back under
+    /// the same name (a StatefulSet's) gets a new reconciler from its next observation. Pods
+    /// named on the command line are kept: `status` shows them as deleted. Returns how many went.
+    pub fn forget_gone(&self, table: &mut PodTable) -> usize {
+        let mut pods = self.pods.lock().unwrap();
+        let gone: Vec<String> = pods
+            .iter()
+            .filter(|(name, h)| {
+                matches!(*h.observations.borrow(), Some(Observation::Gone))
+                    && *h.attempts.borrow() == Attempt::Done
+                    && table.get(name).is_none_or(|e| {
+                        e.target.is_none() && e.held_names.is_none() && e.aliases.is_empty()
+                    })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            // Dropping the sender ends the idle reconciler (its `changed()` fails); observe()
+            // takes this same lock, so no observation slips in between.
+            pods.remove(name);
+            table.remove(name);
+        }
+        gone.len()
+    }
+
     pub fn stop_all(&self) {
         for h in self.pods.lock().unwrap().values() {
             h.task.abort();
@@ -112,10 +140,23 @@ async fn run(
             let Some(observation) = observations.borrow_and_update().clone() else {
                 break;
             };
-            let outcome = tokio::select! {
-                r = reconcile(&up, &name, &observation, &bringup) => Some(r),
-                // A newer observation: drop this attempt and take that one.
-                _ = observations.changed() => None,
+            let attempt = reconcile(&up, &name, &observation, &bringup);
+            tokio::pin!(attempt);
+            // A newer observation of another incarnation (or of the pod gone or stopped) drops
+            // this attempt. One of the same incarnation at the same addresses (readiness,
+            // labels, annotations) lets it finish and is taken after it: a pod whose readiness
+            // flaps faster than a bring-up takes must still come up.
+            let mut newer = false;
+            let outcome = loop {
+                tokio::select! {
+                    r = &mut attempt => break Some(r),
+                    _ = observations.changed() => {
+                        newer = true;
+                        if !same_incarnation(&observation, observations.borrow().as_ref()) {
+                            break None;
+                        }
+                    }
+                }
             };
             match outcome {
                 None => {
@@ -125,6 +166,9 @@ async fn run(
                 Some(Ok(())) => {
                     failures = 0;
                     attempts.send_replace(Attempt::Done);
+                    if newer {
+                        continue;
+                    }
                     break;
                 }
                 Some(Err(e)) => {
@@ -144,6 +188,19 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+/// Whether `newer` is the same running incarnation as `current`, at the same addresses and
+/// with the same ports: then only readiness or metadata changed, which an attempt in flight
+/// need not restart for.
+fn same_incarnation(current: &Observation, newer: Option<&Observation>) -> bool {
+    let (Observation::Present(a), Some(Observation::Present(b))) = (current, newer) else {
+        return false;
+    };
+    match (PodTarget::from_pod(a, None), PodTarget::from_pod(b, None)) {
+        (Ok(a), Ok(b)) => PodTarget { ready: b.ready, ..a } == b,
+        _ => false,
     }
 }
 
@@ -285,4 +342,75 @@ fn take_down(up: &Up, name: &str, why: String) {
         );
     }
     table.set_down(name, why, Instant::now());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(uid: &str, ip: &str, ready: bool) -> Observation {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "default", "uid": uid},
+            "spec": {"containers": [{"name": "app", "image": "erlang:27"}]},
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]
+            }
+        }))
+        .unwrap();
+        Observation::Present(Box::new(pod))
+    }
+
+    #[test]
+    fn only_a_new_incarnation_or_address_restarts_an_attempt() {
+        let now = pod("u1", "10.0.0.5", false);
+        assert!(same_incarnation(&now, Some(&pod("u1", "10.0.0.5", true))), "readiness only");
+        assert!(!same_incarnation(&now, Some(&pod("u2", "10.0.0.5", false))), "a new pod");
+        assert!(!same_incarnation(&now, Some(&pod("u1", "10.0.0.6", false))), "a new address");
+        assert!(!same_incarnation(&now, Some(&Observation::Gone)));
+        assert!(!same_incarnation(&Observation::Gone, Some(&now)));
+        let Observation::Present(mut stopping) = pod("u1", "10.0.0.5", true) else { unreachable!() };
+        stopping.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert!(!same_incarnation(&now, Some(&Observation::Present(stopping))), "stopped");
+    }
+
+    fn handle(observation: Observation, attempt: Attempt) -> Handle {
+        let (observations, _) = watch::channel(Some(observation));
+        let (_, attempts) = watch::channel(attempt);
+        Handle { observations, attempts, task: tokio::spawn(async {}) }
+    }
+
+    #[tokio::test]
+    async fn deleted_pods_are_forgotten_once_their_names_are_no_longer_held() {
+        let r = Reconcilers::new(1);
+        let mut table = PodTable::default();
+        let now = Instant::now();
+        for name in ["gone", "held", "retrying", "running"] {
+            table.set_up(name, PodTarget::for_test(name, &["10.0.0.5"]), BTreeSet::new(), vec![], now);
+        }
+        // Deleted, reconciled, names expired: forgotten.
+        table.set_down("gone", "deleted".into(), now);
+        table.expire_aliases(now + super::super::table::NAME_HOLD + Duration::from_secs(1));
+        // Deleted but its names are still held at its last address: kept for now.
+        table.set_down("held", "deleted".into(), now + Duration::from_secs(10));
+        {
+            let mut pods = r.pods.lock().unwrap();
+            pods.insert("gone".into(), handle(Observation::Gone, Attempt::Done));
+            pods.insert("held".into(), handle(Observation::Gone, Attempt::Done));
+            pods.insert("retrying".into(), handle(Observation::Gone, Attempt::Pending));
+            pods.insert("running".into(), handle(pod("u1", "10.0.0.5", true), Attempt::Done));
+        }
+        assert_eq!(r.forget_gone(&mut table), 1);
+        assert!(table.get("gone").is_none());
+        assert_eq!(table.names(), ["held", "retrying", "running"]);
+        let mut left: Vec<_> = r.pods.lock().unwrap().keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["held", "retrying", "running"]);
+        // Once its names go too, the other deleted pod follows.
+        table.expire_aliases(now + Duration::from_secs(10) + super::super::table::NAME_HOLD + Duration::from_secs(1));
+        assert_eq!(r.forget_gone(&mut table), 1);
+        assert_eq!(table.names(), ["retrying", "running"]);
+    }
 }

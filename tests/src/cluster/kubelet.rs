@@ -402,14 +402,39 @@ impl Kubelet {
         self.apply_objects(&parse_manifest(yaml)?)
     }
 
-    /// The StatefulSet controller's pass: creates missing pods, in order unless Parallel.
+    /// The StatefulSet controller's pass: creates missing pods, in order unless Parallel, and
+    /// after a scale-down deletes the pods past the new count, the highest ordinal first (one
+    /// at a time, each once the previous is gone, unless Parallel), as the real controller does.
     fn reconcile(self: &Arc<Self>) {
         if self.stopping.load(Ordering::Relaxed) {
             return;
         }
+        let mut surplus: Vec<(String, String)> = Vec::new();
         let sets = self.statefulsets.lock().unwrap();
         for ((ns, name), sts) in sets.iter() {
             let ordered = sts.spec.pod_management_policy.as_deref() != Some("Parallel");
+            let replicas = sts.spec.replicas.unwrap_or(1).clamp(0, 200);
+            let mut extra: Vec<(i32, Pod)> = self
+                .store
+                .list_pods(Some(ns))
+                .0
+                .into_iter()
+                .filter_map(|p| {
+                    let ordinal: i32 = p.metadata.name.as_deref()?.strip_prefix(&format!("{name}-"))?.parse().ok()?;
+                    let owned = p.metadata.owner_references.iter().flatten().any(|o| o.kind == "StatefulSet" && &o.name == name);
+                    (owned && ordinal >= replicas).then_some((ordinal, p))
+                })
+                .collect();
+            extra.sort_by_key(|(ordinal, _)| std::cmp::Reverse(*ordinal));
+            let terminating = extra.iter().any(|(_, p)| p.metadata.deletion_timestamp.is_some());
+            let take = if !ordered { extra.len() } else if terminating { 0 } else { 1 };
+            surplus.extend(
+                extra
+                    .into_iter()
+                    .filter(|(_, p)| p.metadata.deletion_timestamp.is_none())
+                    .take(take)
+                    .filter_map(|(_, p)| Some((ns.clone(), p.metadata.name?))),
+            );
             for i in 0..sts.spec.replicas.unwrap_or(1).clamp(0, 200) {
                 let pod_name = format!("{name}-{i}");
                 match self.store.get_pod(ns, &pod_name) {
@@ -426,6 +451,23 @@ impl Kubelet {
                 }
             }
         }
+        drop(sets);
+        // Outside the lock: a deletion with no grace period reconciles again at once.
+        for (ns, name) in surplus {
+            self.delete_pod(&ns, &name);
+        }
+    }
+
+    /// `kubectl scale statefulset NAME --replicas N`: the controller creates or deletes pods.
+    pub fn scale_statefulset(self: &Arc<Self>, ns: &str, name: &str, replicas: i32) -> Result<()> {
+        {
+            let mut sets = self.statefulsets.lock().unwrap();
+            let sts = sets.get_mut(&key(ns, name)).with_context(|| format!("no StatefulSet {ns}/{name}"))?;
+            sts.spec.replicas = Some(replicas.clamp(0, 200));
+            self.store.put_statefulset(sts.clone());
+        }
+        self.reconcile();
+        Ok(())
     }
 
     /// Creates pod NAME-ORDINAL of a StatefulSet and starts it in the background.
