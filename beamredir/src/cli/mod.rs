@@ -327,10 +327,11 @@ pub fn init_logging(cli: &Cli) {
 }
 
 /// One log record as printed: `beamredir: LEVEL: TEXT`, without control characters or
-/// bidirectional overrides, at most 16 KiB.
+/// bidirectional overrides, at most 16 KiB; a line after the first is indented, so nothing
+/// quoted from the cluster can pass for a line of beamredir's own.
 fn log_line(level: log::Level, args: &std::fmt::Arguments) -> String {
     let text = beamredir::privsep::messages::printable(&args.to_string(), 16 * 1024);
-    format!("beamredir: {}: {text}", level.as_str().to_lowercase())
+    format!("beamredir: {}: {}", level.as_str().to_lowercase(), text.replace('\n', "\n  "))
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -444,5 +445,8 @@ mod tests {
         let node = "app\u{1b}]0;owned\u{7}@10.0.0.1\u{202e}";
         let line = log_line(log::Level::Warn, &format_args!("node {node} did not answer"));
         assert_eq!(line, "beamredir: warn: node app]0;owned@10.0.0.1 did not answer");
+        let forged = "app-0\nbeamredir: error: all is lost";
+        let line = log_line(log::Level::Info, &format_args!("pod {forged} is up"));
+        assert_eq!(line, "beamredir: info: pod app-0\n  beamredir: error: all is lost is up");
     }
 }

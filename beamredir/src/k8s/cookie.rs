@@ -221,8 +221,14 @@ pub async fn from_pod<K: KubeReads>(pod: &Pod, container: Option<&str>, kube: &K
     }
     // The command line after expansion, then the flag variables.
     let mut words: Vec<String> = Vec::new();
+    let mut total = 0usize;
     for arg in c.command.iter().flatten().chain(c.args.iter().flatten()) {
-        words.extend(env.expand(arg, usize::MAX).await?.split_whitespace().map(str::to_string));
+        if total > super::env::MAX_EXPANDED_TOTAL {
+            break;
+        }
+        let expanded = env.expand(arg, usize::MAX).await?;
+        total += expanded.len();
+        words.extend(expanded.split_whitespace().map(str::to_string));
     }
     for var in FLAG_VARS {
         if let Some((value, _)) = env.get(var, usize::MAX).await? {
@@ -418,14 +424,17 @@ impl<'a, K: KubeReads> PodEnv<'a, K> {
     /// as seen by env entry `before`.
     async fn expand_bounded(&mut self, s: &str, before: usize, budget: &mut usize) -> Result<String, LookupError>
     {
-        let mut out = String::with_capacity(s.len());
+        let mut out = String::with_capacity(s.len().min(super::env::MAX_EXPANDED));
         for piece in pieces(s) {
-            match piece {
-                Piece::Text(t) => out.push_str(t),
+            let more = match piece {
+                Piece::Text(t) => super::env::push_bounded(&mut out, t),
                 Piece::Var { name, written } => {
                     let found = self.get_bounded(name, before, budget).await?;
-                    out.push_str(found.as_ref().map_or(written, |(v, _)| v));
+                    super::env::push_bounded(&mut out, found.as_ref().map_or(written, |(v, _)| v))
                 }
+            };
+            if !more {
+                break;
             }
         }
         Ok(out)
@@ -519,6 +528,17 @@ mod tests {
             let expected = crate::k8s::env::expand(value, &vars);
             assert_eq!(r.cookie.expose(), expected, "{value}");
         }
+    }
+
+    /// `V_i=$(V_{i-1})$(V_{i-1})` doubles with every variable: the lookup stops at the bound
+    /// (and then refuses a cookie that long) instead of filling memory.
+    #[tokio::test]
+    async fn doubling_variables_stop_at_the_bound() {
+        let mut env = vec![serde_json::json!({"name": "V0", "value": "x".repeat(1024)})];
+        env.extend((1..48).map(|i| serde_json::json!({"name": format!("V{i}"), "value": format!("$(V{})$(V{})", i - 1, i - 1)})));
+        env.push(serde_json::json!({"name": "RELEASE_COOKIE", "value": "$(V47)"}));
+        let p = pod(serde_json::json!([{"name": "app", "env": env}]));
+        assert!(from(&p, &FakeKube::default()).await.is_err(), "a 64 KiB cookie is refused");
     }
 
     #[tokio::test]

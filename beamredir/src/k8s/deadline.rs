@@ -119,6 +119,8 @@ pub struct Timed<B> {
     total: Option<Duration>,
     /// Each frame resets the timer (watches).
     silence: Option<Duration>,
+    /// The error was given: the body ends there.
+    expired: bool,
 }
 
 impl<B> Timed<B> {
@@ -133,6 +135,7 @@ impl<B> Timed<B> {
             timer,
             total: due.map(|(_, t)| t),
             silence,
+            expired: false,
         }
     }
 }
@@ -150,6 +153,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
         let this = self.get_mut();
+        if this.expired {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(silence), Some(timer)) = (this.silence, this.timer.as_mut()) {
@@ -165,6 +171,7 @@ where
                             (Some(t), _) => Expired::Request(t),
                             (None, s) => Expired::Watch(s.unwrap_or_default()),
                         };
+                        this.expired = true;
                         return Poll::Ready(Some(Err(expired.into())));
                     }
                 }
@@ -174,7 +181,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.expired || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -246,9 +253,9 @@ mod tests {
         }
     }
 
-    async fn drain<B: Body<Error = BoxError> + Unpin>(mut body: B) -> Result<usize, BoxError> {
+    async fn drain<B: Body<Error = BoxError> + Unpin>(body: &mut B) -> Result<usize, BoxError> {
         let mut frames = 0;
-        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
         {
             frame?;
             frames += 1;
@@ -265,15 +272,19 @@ mod tests {
             left: 0,
         };
         let due = Some((Instant::now() + ms(50), ms(50)));
-        let e = drain(Timed::new(never, due, None)).await.unwrap_err();
+        let mut body = Timed::new(never, due, None);
+        let e = drain(&mut body).await.unwrap_err();
         assert_eq!(e.to_string(), "no answer within 50ms (--request-timeout)");
+        // The error once, then the end.
+        assert!(body.is_end_stream());
+        assert_eq!(drain(&mut body).await.unwrap(), 0);
 
         let never = Trickle {
             every: None,
             period: ms(0),
             left: 0,
         };
-        let e = drain(Timed::new(never, None, Some(ms(50))))
+        let e = drain(&mut Timed::new(never, None, Some(ms(50))))
             .await
             .unwrap_err();
         assert_eq!(e.to_string(), "the watch was silent for 50ms");
@@ -285,7 +296,7 @@ mod tests {
             left: 15,
         };
         assert_eq!(
-            drain(Timed::new(talking, None, Some(ms(60))))
+            drain(&mut Timed::new(talking, None, Some(ms(60))))
                 .await
                 .unwrap(),
             15

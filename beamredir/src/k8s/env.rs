@@ -63,17 +63,34 @@ pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
             Piece::Text(t) => t,
             Piece::Var { name, written } => vars.get(name).map_or(written, String::as_str),
         };
-        // A spec can double a value with each variable (`B=$(A)$(A)`): stop at the bound.
-        if out.len() + piece.len() > MAX_EXPANDED {
+        if !push_bounded(&mut out, piece) {
             break;
         }
-        out.push_str(piece);
     }
     out
 }
 
 /// The longest value an expansion makes (what an Erlang node name or cookie needs is far less).
 pub const MAX_EXPANDED: usize = 64 * 1024;
+
+/// What all of one container's variables, or all of its command line, may add up to.
+pub const MAX_EXPANDED_TOTAL: usize = 1024 * 1024;
+
+/// Appends `piece`, cut at [`MAX_EXPANDED`] in all; false once the bound is reached. A spec can
+/// double a value with each variable (`B=$(A)$(A)`), so every expansion stops here.
+pub fn push_bounded(out: &mut String, piece: &str) -> bool {
+    let room = MAX_EXPANDED.saturating_sub(out.len());
+    if piece.len() <= room {
+        out.push_str(piece);
+        return true;
+    }
+    let mut cut = room;
+    while !piece.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    out.push_str(&piece[..cut]);
+    false
+}
 
 /// The downward-API fields beamredir can see from the pod object.
 pub fn field_ref(pod: &Pod, path: &str, ip: Option<IpAddr>) -> Option<String> {
@@ -95,7 +112,12 @@ pub fn field_ref(pod: &Pod, path: &str, ip: Option<IpAddr>) -> Option<String> {
 /// kubelet does (a variable may refer to those defined before it).
 pub fn resolved_env(pod: &Pod, container: &Container) -> BTreeMap<String, String> {
     let mut vars = BTreeMap::new();
+    // Many variables each referring to a large one must not add up without end either.
+    let mut total = 0usize;
     for e in container.env.iter().flatten() {
+        if total > MAX_EXPANDED_TOTAL {
+            break;
+        }
         let value = match (
             &e.value,
             e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()),
@@ -105,6 +127,7 @@ pub fn resolved_env(pod: &Pod, container: &Container) -> BTreeMap<String, String
             _ => None,
         };
         if let Some(v) = value {
+            total += e.name.len() + v.len();
             vars.insert(e.name.clone(), v);
         }
     }
@@ -114,12 +137,18 @@ pub fn resolved_env(pod: &Pod, container: &Container) -> BTreeMap<String, String
 /// The container's command line after expansion, split into words, including the words of
 /// `sh -c "…"` strings and of the flags variables OTP reads (ERL_AFLAGS, ERL_FLAGS, ERL_ZFLAGS).
 pub fn words(container: &Container, vars: &BTreeMap<String, String>) -> Vec<String> {
+    let mut total = 0usize;
     let argv = container
         .command
         .iter()
         .flatten()
         .chain(container.args.iter().flatten())
-        .map(|a| expand(a, vars));
+        .map_while(|a| {
+            // The whole command line is bounded too, not only each argument.
+            (total <= MAX_EXPANDED_TOTAL).then(|| expand(a, vars)).inspect(|w| total += w.len())
+        })
+        .collect::<Vec<_>>()
+        .into_iter();
     let flags = ["ERL_AFLAGS", "ERL_FLAGS", "ERL_ZFLAGS"]
         .into_iter()
         .filter_map(|k| vars.get(k).cloned());
@@ -154,6 +183,26 @@ mod tests {
             vars.insert(format!("V{i}"), v);
         }
         assert!(vars["V63"].len() > MAX_EXPANDED / 2);
+        // A value past the bound is cut, not dropped.
+        assert_eq!(expand(&"é".repeat(MAX_EXPANDED), &vars).len(), MAX_EXPANDED);
+    }
+
+    #[test]
+    fn many_references_to_a_large_variable_stop_at_the_total() {
+        let mut env = vec![serde_json::json!({"name": "X", "value": "x".repeat(MAX_EXPANDED)})];
+        env.extend((0..10_000).map(|i| serde_json::json!({"name": format!("A{i}"), "value": "$(X)"})));
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "env": env,
+            "args": vec!["$(X)"; 10_000],
+        }))
+        .unwrap();
+        let vars = resolved_env(&Pod::default(), &container);
+        let sum: usize = vars.values().map(String::len).sum();
+        assert!(sum <= MAX_EXPANDED_TOTAL + MAX_EXPANDED + 64, "{sum}");
+        let words = words(&container, &vars);
+        let sum: usize = words.iter().map(String::len).sum();
+        assert!(sum <= MAX_EXPANDED_TOTAL + MAX_EXPANDED, "{sum}");
     }
 
     #[test]

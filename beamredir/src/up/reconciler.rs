@@ -6,7 +6,10 @@
 use std::{
     collections::{BTreeSet, HashMap},
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -38,7 +41,12 @@ pub enum Attempt {
 const RETRY_DELAYS: [u64; 6] = [1, 2, 4, 8, 16, 30];
 
 struct Handle {
-    observations: watch::Sender<Option<Observation>>,
+    /// The newest observation, numbered.
+    observations: watch::Sender<Option<(u64, Observation)>>,
+    /// The number of the newest observation sent.
+    sent: u64,
+    /// The number of the last observation the reconciler finished with.
+    done: Arc<AtomicU64>,
     attempts: watch::Receiver<Attempt>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -67,24 +75,29 @@ impl Reconcilers {
         observation: Observation,
     ) -> watch::Receiver<Attempt> {
         let mut pods = self.pods.lock().unwrap();
-        if let Some(h) = pods.get(name).filter(|h| !h.task.is_finished()) {
-            h.observations.send_replace(Some(observation));
+        if let Some(h) = pods.get_mut(name).filter(|h| !h.task.is_finished()) {
+            h.sent += 1;
+            h.observations.send_replace(Some((h.sent, observation)));
             return h.attempts.clone();
         }
-        let (obs_tx, mut obs_rx) = watch::channel(Some(observation));
+        let (obs_tx, mut obs_rx) = watch::channel(Some((1, observation)));
         obs_rx.mark_changed();
         let (att_tx, att_rx) = watch::channel(Attempt::Pending);
+        let done = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(run(
             up.clone(),
             name.to_string(),
             obs_rx,
             att_tx,
+            done.clone(),
             self.bringup.clone(),
         ));
         pods.insert(
             name.to_string(),
             Handle {
                 observations: obs_tx,
+                sent: 1,
+                done,
                 attempts: att_rx.clone(),
                 task,
             },
@@ -92,8 +105,8 @@ impl Reconcilers {
         att_rx
     }
 
-    /// Forgets the pods that are gone for good: deleted (the newest observation), that
-    /// reconcile done, and their names no longer held nor their old addresses aliased. Their
+    /// Forgets the pods that are gone for good: deleted (the newest observation), that very
+    /// observation reconciled (not an earlier one), and their names no longer held nor their old addresses aliased. Their
     /// reconciler ends and their table entry goes, so a session that follows a Deployment
     /// through many rollouts does not keep every pod it ever saw. A pod that comes back under
     /// the same name (a StatefulSet's) gets a new reconciler from its next observation. Pods
@@ -103,8 +116,8 @@ impl Reconcilers {
         let gone: Vec<String> = pods
             .iter()
             .filter(|(name, h)| {
-                matches!(*h.observations.borrow(), Some(Observation::Gone))
-                    && *h.attempts.borrow() == Attempt::Done
+                matches!(*h.observations.borrow(), Some((_, Observation::Gone)))
+                    && h.done.load(Ordering::SeqCst) == h.sent
                     && table.get(name).is_none_or(|e| {
                         e.target.is_none() && e.held_names.is_none() && e.aliases.is_empty()
                     })
@@ -130,14 +143,15 @@ impl Reconcilers {
 async fn run(
     up: Arc<Up>,
     name: String,
-    mut observations: watch::Receiver<Option<Observation>>,
+    mut observations: watch::Receiver<Option<(u64, Observation)>>,
     attempts: watch::Sender<Attempt>,
+    done: Arc<AtomicU64>,
     bringup: Arc<Semaphore>,
 ) {
     let mut failures = 0usize;
     while observations.changed().await.is_ok() {
         loop {
-            let Some(observation) = observations.borrow_and_update().clone() else {
+            let Some((number, observation)) = observations.borrow_and_update().clone() else {
                 break;
             };
             let attempt = reconcile(&up, &name, &observation, &bringup);
@@ -150,9 +164,14 @@ async fn run(
             let outcome = loop {
                 tokio::select! {
                     r = &mut attempt => break Some(r),
-                    _ = observations.changed() => {
+                    changed = observations.changed() => {
+                        // The sender gone: this pod was forgotten, or the session ends.
+                        if changed.is_err() {
+                            return;
+                        }
                         newer = true;
-                        if !same_incarnation(&observation, observations.borrow().as_ref()) {
+                        let latest = observations.borrow().as_ref().map(|(_, o)| o.clone());
+                        if !same_incarnation(&observation, latest.as_ref()) {
                             break None;
                         }
                     }
@@ -165,6 +184,7 @@ async fn run(
                 }
                 Some(Ok(())) => {
                     failures = 0;
+                    done.store(number, Ordering::SeqCst);
                     attempts.send_replace(Attempt::Done);
                     if newer {
                         continue;
@@ -181,9 +201,18 @@ async fn run(
                     }
                     up.table.lock().unwrap().entry(&name).state = format!("unreachable: {message}");
                     attempts.send_replace(Attempt::Failed(message));
+                    if newer {
+                        // A newer observation came in during the attempt: take it now.
+                        continue;
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(delay)) => continue,
-                        _ = observations.changed() => continue,
+                        changed = observations.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                     }
                 }
             }
@@ -376,10 +405,12 @@ mod tests {
         assert!(!same_incarnation(&now, Some(&Observation::Present(stopping))), "stopped");
     }
 
-    fn handle(observation: Observation, attempt: Attempt) -> Handle {
-        let (observations, _) = watch::channel(Some(observation));
-        let (_, attempts) = watch::channel(attempt);
-        Handle { observations, attempts, task: tokio::spawn(async {}) }
+    /// A handle whose reconciler was sent observations 1..=`sent`, the last one `observation`,
+    /// and finished with number `done`.
+    fn handle(observation: Observation, sent: u64, done: u64) -> Handle {
+        let (observations, _) = watch::channel(Some((sent, observation)));
+        let (_, attempts) = watch::channel(Attempt::Done);
+        Handle { observations, sent, done: Arc::new(AtomicU64::new(done)), attempts, task: tokio::spawn(async {}) }
     }
 
     #[tokio::test]
@@ -392,15 +423,17 @@ mod tests {
         }
         // Deleted, reconciled, names expired: forgotten.
         table.set_down("gone", "deleted".into(), now);
+        table.set_down("retrying", "deleted".into(), now);
         table.expire_aliases(now + super::super::table::NAME_HOLD + Duration::from_secs(1));
         // Deleted but its names are still held at its last address: kept for now.
         table.set_down("held", "deleted".into(), now + Duration::from_secs(10));
         {
             let mut pods = r.pods.lock().unwrap();
-            pods.insert("gone".into(), handle(Observation::Gone, Attempt::Done));
-            pods.insert("held".into(), handle(Observation::Gone, Attempt::Done));
-            pods.insert("retrying".into(), handle(Observation::Gone, Attempt::Pending));
-            pods.insert("running".into(), handle(pod("u1", "10.0.0.5", true), Attempt::Done));
+            pods.insert("gone".into(), handle(Observation::Gone, 3, 3));
+            pods.insert("held".into(), handle(Observation::Gone, 2, 2));
+            // Done with an earlier observation, not yet with the deletion: kept.
+            pods.insert("retrying".into(), handle(Observation::Gone, 2, 1));
+            pods.insert("running".into(), handle(pod("u1", "10.0.0.5", true), 1, 1));
         }
         assert_eq!(r.forget_gone(&mut table), 1);
         assert!(table.get("gone").is_none());

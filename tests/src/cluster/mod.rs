@@ -383,14 +383,14 @@ impl SimCluster {
         self.pod("default", name).context("pod vanished")
     }
 
-    /// Deletes a pod as `kubectl delete pod` does: Terminating (SIGTERM) for at most its grace
-    /// period, then gone; its StatefulSet recreates it (address per the IPAM). Returns the pod
-    /// as the DELETE answered it (with its deletionTimestamp).
     /// `kubectl scale statefulset NAME --replicas N` in namespace default.
     pub fn scale_statefulset(&self, name: &str, replicas: i32) -> Result<()> {
         self.kubelet.scale_statefulset("default", name, replicas)
     }
 
+    /// Deletes a pod as `kubectl delete pod` does: Terminating (SIGTERM) for at most its grace
+    /// period, then gone; its StatefulSet recreates it (address per the IPAM). Returns the pod
+    /// as the DELETE answered it (with its deletionTimestamp).
     pub fn delete_pod(&self, name: &str) -> Result<Pod> {
         self.kubelet.delete_pod("default", name).with_context(|| format!("no pod {name}"))
     }
