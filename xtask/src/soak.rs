@@ -186,6 +186,18 @@ pub fn run(args: SoakArgs, beamredir: &Path, load: &Path) -> Result<()> {
     unsafe { std::env::set_var("BEAMREDIR_BIN", beamredir) };
     let load_before = loadavg();
     let started_at = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    // The commit the binary under test was built from: read now, not when the report is
+    // written an hour later (the tree may have moved on meanwhile).
+    let root = crate::workspace_root();
+    let root = root.to_string_lossy();
+    let mut commit = command_output("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
+    let changes = command_output(
+        "git",
+        &["-C", &root, "status", "--porcelain", "--untracked-files=no"],
+    );
+    if !changes.is_empty() {
+        commit.push_str(" (with uncommitted changes)");
+    }
     println!("soak: starting the simulated cluster (pod app-0: an Elixir node and a TCP echo)");
     let cluster = SimCluster::start(ECHO_MANIFEST).context("starting the simulated cluster")?;
     let ip = cluster.pod_ip("app-0").context("pod IP")?;
@@ -379,16 +391,6 @@ pub fn run(args: SoakArgs, beamredir: &Path, load: &Path) -> Result<()> {
         md,
         "| load average (1, 5, 15 min) | {load_before} before, {load_after} after |"
     );
-    let root = crate::workspace_root();
-    let root = root.to_string_lossy();
-    let mut commit = command_output("git", &["-C", &root, "rev-parse", "--short", "HEAD"]);
-    let changes = command_output(
-        "git",
-        &["-C", &root, "status", "--porcelain", "--untracked-files=no"],
-    );
-    if !changes.is_empty() {
-        commit.push_str(" (with uncommitted changes)");
-    }
     let _ = writeln!(md, "| commit | {commit} |\n");
     let _ = writeln!(md, "## Load\n");
     let _ = writeln!(md, "| | ok | failed | corrupted |\n|---|---:|---:|---:|");
