@@ -185,6 +185,31 @@ fn one_dropped_stream_or_an_api_server_restart_does_not_kill_the_forward() -> Re
     Ok(())
 }
 
+/// A local node's epmd lookup has beamredir open the distribution port-forward ahead of the
+/// connection (carrier::Prepared). Here the lookup comes without a connection, and then the API
+/// server restarts, which drops every connection, that prepared stream included. The next
+/// node to connect must not be handed that dead stream: its ping gets pong.
+#[test]
+fn a_port_forward_prepared_before_an_api_server_restart_is_not_handed_out() -> Result<()> {
+    let cluster = SimCluster::start(EXAMPLE_MANIFEST)?;
+    let state = TempDir::new("brstate")?;
+    let session = unique("prep");
+    let log = state.path().join("up.log");
+    let _up = cluster.start_up_session(state.path(), &session, &["--pod", "app-0"], &log)?;
+    let ip = cluster.pod_ip("app-0").unwrap();
+    assert!(ping_in_session(&cluster, &state, &session, ip)?.contains("ping=pong"));
+    // PORT_PLEASE2_REQ for node "app", answered, and no connection follows.
+    let lookup = "import socket,sys; s=socket.create_connection((sys.argv[1], 4369)); s.sendall(b'\\x00\\x04zapp'); print(s.recv(64)[:2])";
+    let out = run(cluster.beamredir(state.path()).args(["exec", "--session", &session, "--", "python3", "-c", lookup, &ip.to_string()]))?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "b'w\\x00'", "the pod's epmd knows app");
+    // The prepared stream is open (it lives 3 s); the API server restarts meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.restart_api_server(Duration::from_secs(1))?;
+    let answer = ping_in_session(&cluster, &state, &session, ip)?;
+    assert!(answer.contains("ping=pong"), "{answer}\nlog:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    Ok(())
+}
+
 #[test]
 fn port_forward_errors_are_logged_with_pod_and_port_and_the_connection_closes_cleanly() -> Result<()> {
     let cluster = SimCluster::start(EXAMPLE_MANIFEST)?;

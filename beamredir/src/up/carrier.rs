@@ -20,7 +20,10 @@
 //! seconds, for a connection that is about to come.
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -43,8 +46,9 @@ const PREPARED_TTL: Duration = Duration::from_secs(3);
 const PREPARED_MAX: usize = 4;
 
 type Key = (String, String, u16);
-/// The streams ready for one key: when each was opened, the pod uid it was opened to, the stream.
-type Ready<T> = Vec<(Instant, String, T)>;
+/// The streams ready for one key: when each was opened, the pod uid it was opened to, the
+/// [`Prepared::api_broke`] count when its opening started, the stream.
+type Ready<T> = Vec<(Instant, String, u64, T)>;
 
 /// Port-forwards opened ahead of a connection, by (namespace, pod, port): what the pod
 /// incarnation was when each was opened, and when. Bounded in number and age. One per session
@@ -53,6 +57,10 @@ pub struct Prepared<T> {
     streams: Mutex<HashMap<Key, Ready<T>>>,
     ttl: Duration,
     max: usize,
+    /// How often the path to the API server was seen to break (a watch failing): a stream
+    /// opened before a break may be dead (an API server restart drops every connection), and a
+    /// dead one handed to a node fails its connection.
+    breaks: AtomicU64,
 }
 
 impl Prepared<Connection> {
@@ -67,15 +75,28 @@ impl<T> Prepared<T> {
             streams: Mutex::new(HashMap::new()),
             ttl,
             max,
+            breaks: AtomicU64::new(0),
         }
     }
 
-    /// Runs `f` on the streams for `key` that are still fresh (the expired ones are dropped,
-    /// i.e. closed, first).
+    /// The path to the API server broke (a watch failed): every stream prepared before now is
+    /// dropped rather than handed out.
+    pub fn api_broke(&self) {
+        self.breaks.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The break count to give [`Prepared::put`] for a stream about to be opened.
+    fn epoch(&self) -> u64 {
+        self.breaks.load(Ordering::SeqCst)
+    }
+
+    /// Runs `f` on the streams for `key` that are still fresh (the expired ones, and those
+    /// opened before a break, are dropped, i.e. closed, first).
     fn with_fresh<R>(&self, key: &Key, f: impl FnOnce(&mut Ready<T>) -> R) -> R {
+        let epoch = self.epoch();
         let mut all = self.streams.lock().unwrap();
         let list = all.entry(key.clone()).or_default();
-        list.retain(|(t, _, _)| t.elapsed() < self.ttl);
+        list.retain(|(t, _, e, _)| t.elapsed() < self.ttl && *e == epoch);
         f(list)
     }
 
@@ -84,10 +105,11 @@ impl<T> Prepared<T> {
         self.with_fresh(key, |list| list.len() < self.max)
     }
 
-    fn put(&self, key: &Key, uid: String, stream: T) {
+    fn put(&self, key: &Key, uid: String, epoch: u64, stream: T) {
+        let current = self.epoch();
         self.with_fresh(key, |list| {
-            if list.len() < self.max {
-                list.push((Instant::now(), uid, stream));
+            if list.len() < self.max && epoch == current {
+                list.push((Instant::now(), uid, epoch, stream));
             }
         });
     }
@@ -96,8 +118,8 @@ impl<T> Prepared<T> {
     /// prepared); those opened to an earlier incarnation are dropped.
     fn take(&self, key: &Key, uid: &str) -> Option<T> {
         self.with_fresh(key, |list| {
-            list.retain(|(_, u, _)| u == uid);
-            (!list.is_empty()).then(|| list.remove(0).2)
+            list.retain(|(_, u, _, _)| u == uid);
+            (!list.is_empty()).then(|| list.remove(0).3)
         })
     }
 
@@ -138,11 +160,12 @@ fn prepare_dist(up: &Arc<Up>, pod: &str, node: &str) {
         return;
     }
     let (weak, cluster, timeout) = (Arc::downgrade(up), up.cluster.clone(), up.config.limits.upgrade_timeout());
+    let epoch = up.prepared.epoch();
     tokio::spawn(async move {
         match portforward::open(&cluster, &key.1, port, timeout).await {
             Ok(conn) => {
                 let Some(up) = weak.upgrade() else { return };
-                up.prepared.put(&key, uid, conn);
+                up.prepared.put(&key, uid, epoch, conn);
                 drop(up);
                 // Unused by then: closed.
                 tokio::time::sleep(PREPARED_TTL).await;
@@ -380,10 +403,10 @@ mod tests {
     #[test]
     fn prepared_streams_go_first_in_first_out_to_the_same_incarnation_only() {
         let p: Prepared<u32> = Prepared::new(Duration::from_secs(60), 2);
-        p.put(&key(9000), "u1".into(), 1);
-        p.put(&key(9000), "u1".into(), 2);
+        p.put(&key(9000), "u1".into(), 0, 1);
+        p.put(&key(9000), "u1".into(), 0, 2);
         assert!(!p.has_room(&key(9000)), "bounded");
-        p.put(&key(9000), "u1".into(), 3);
+        p.put(&key(9000), "u1".into(), 0, 3);
         assert_eq!(p.take(&key(9000), "u1"), Some(1));
         assert_eq!(p.take(&key(9001), "u1"), None, "another port");
         // The pod was replaced: what was opened to the old one is dropped, not handed out.
@@ -395,8 +418,23 @@ mod tests {
     #[test]
     fn prepared_streams_expire() {
         let p: Prepared<u32> = Prepared::new(Duration::from_millis(30), 4);
-        p.put(&key(9000), "u1".into(), 1);
+        p.put(&key(9000), "u1".into(), 0, 1);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(p.take(&key(9000), "u1"), None);
+    }
+
+    /// An API server restart drops every connection: a stream prepared before the watch saw
+    /// the break is never handed out, nor one whose opening started before it.
+    #[test]
+    fn prepared_streams_from_before_a_break_are_dropped() {
+        let p: Prepared<u32> = Prepared::new(Duration::from_secs(60), 4);
+        let before = p.epoch();
+        p.put(&key(9000), "u1".into(), before, 1);
+        p.api_broke();
+        assert_eq!(p.take(&key(9000), "u1"), None, "opened before the break");
+        p.put(&key(9000), "u1".into(), before, 2);
+        assert_eq!(p.take(&key(9000), "u1"), None, "its opening started before the break");
+        p.put(&key(9000), "u1".into(), p.epoch(), 3);
+        assert_eq!(p.take(&key(9000), "u1"), Some(3));
     }
 }

@@ -69,6 +69,9 @@ pub fn follow(up: &Arc<Up>, selector: Option<&str>) -> Vec<tokio::task::JoinHand
                         }
                         Err(e) => {
                             errors += 1;
+                            // The API server (or the way to it) broke: streams prepared before
+                            // may be dead.
+                            up.prepared.api_broke();
                             // The backoff spaces retries; the log says it once per outage.
                             if errors == 1 {
                                 log::warn!(
