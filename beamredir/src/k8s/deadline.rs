@@ -4,8 +4,9 @@
 //!
 //! * A request is answered (TCP, TLS, the response head) within `--request-timeout`, and a
 //!   plain request's body is complete by then too.
-//! * A watch's body streams for as long as the server keeps it open, but a watch silent for
-//!   [`WATCH_SILENCE`] has died (the server sends bookmarks and ends each watch sooner).
+//! * A watch's body streams for as long as the server keeps it open; kube-runtime's watcher
+//!   already gives up on one silent for 295 s (the server's 290 s watch timeout plus a margin)
+//!   and reconnects, so this layer does not bound it again.
 //! * Port-forward upgrades are left alone: they have `--upgrade-timeout`, and the streams
 //!   after them have WebSocket pings.
 //!
@@ -23,18 +24,10 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 use tower::{BoxError, Service};
 
-/// How long a watch may stay silent before it counts as dead (kube-rs's own read timeout; a
-/// watch asks the server to end it after 290 s at most).
-pub const WATCH_SILENCE: Duration = Duration::from_secs(295);
-
-/// What a request ran out of.
+/// A request that ran out of `--request-timeout`.
 #[derive(Debug, thiserror::Error)]
-pub enum Expired {
-    #[error("no answer within {0:?} (--request-timeout)")]
-    Request(Duration),
-    #[error("the watch was silent for {0:?}")]
-    Watch(Duration),
-}
+#[error("no answer within {0:?} (--request-timeout)")]
+pub struct Expired(Duration);
 
 /// What kind of request, by its deadlines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,46 +88,33 @@ where
         Box::pin(async move {
             if kind == Kind::Upgrade || timeout.is_zero() {
                 let res = answer.await.map_err(Into::into)?;
-                let silence = (kind == Kind::Watch).then_some(WATCH_SILENCE);
-                return Ok(res.map(|b| Timed::new(b, None, silence)));
+                return Ok(res.map(|b| Timed::new(b, None)));
             }
             let deadline = Instant::now() + timeout;
             let res = tokio::time::timeout_at(deadline, answer)
                 .await
-                .map_err(|_| Expired::Request(timeout))?
+                .map_err(|_| Expired(timeout))?
                 .map_err(Into::into)?;
-            Ok(match kind {
-                Kind::Watch => res.map(|b| Timed::new(b, None, Some(WATCH_SILENCE))),
-                _ => res.map(|b| Timed::new(b, Some((deadline, timeout)), None)),
-            })
+            let due = (kind == Kind::Plain).then_some((deadline, timeout));
+            Ok(res.map(|b| Timed::new(b, due)))
         })
     }
 }
 
-/// A response body with a deadline for the whole of it, or a bound on silence between frames.
+/// A response body with a deadline for the whole of it (plain requests), or none.
 pub struct Timed<B> {
     inner: B,
-    timer: Option<Pin<Box<Sleep>>>,
-    /// The whole body is due by then (plain requests).
-    total: Option<Duration>,
-    /// Each frame resets the timer (watches).
-    silence: Option<Duration>,
+    /// When the whole body is due, and the `--request-timeout` that set it.
+    due: Option<(Pin<Box<Sleep>>, Duration)>,
     /// The error was given: the body ends there.
     expired: bool,
 }
 
 impl<B> Timed<B> {
-    fn new(inner: B, due: Option<(Instant, Duration)>, silence: Option<Duration>) -> Self {
-        let timer = match (due, silence) {
-            (Some((at, _)), _) => Some(Box::pin(tokio::time::sleep_until(at))),
-            (None, Some(s)) => Some(Box::pin(tokio::time::sleep(s))),
-            (None, None) => None,
-        };
+    fn new(inner: B, due: Option<(Instant, Duration)>) -> Self {
         Timed {
             inner,
-            timer,
-            total: due.map(|(_, t)| t),
-            silence,
+            due: due.map(|(at, timeout)| (Box::pin(tokio::time::sleep_until(at)), timeout)),
             expired: false,
         }
     }
@@ -157,22 +137,12 @@ where
             return Poll::Ready(None);
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(silence), Some(timer)) = (this.silence, this.timer.as_mut()) {
-                    timer.as_mut().reset(Instant::now() + silence);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Ready(frame) => Poll::Ready(frame.map(|r| r.map_err(Into::into))),
             Poll::Pending => {
-                if let Some(timer) = this.timer.as_mut() {
+                if let Some((timer, timeout)) = this.due.as_mut() {
                     if timer.as_mut().poll(cx).is_ready() {
-                        let expired = match (this.total, this.silence) {
-                            (Some(t), _) => Expired::Request(t),
-                            (None, s) => Expired::Watch(s.unwrap_or_default()),
-                        };
                         this.expired = true;
-                        return Poll::Ready(Some(Err(expired.into())));
+                        return Poll::Ready(Some(Err(Expired(*timeout).into())));
                     }
                 }
                 Poll::Pending
@@ -264,7 +234,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_silent_body_expires_and_a_talking_watch_does_not() {
+    async fn a_silent_body_expires_and_an_untimed_one_streams_on() {
         let ms = Duration::from_millis;
         let never = Trickle {
             every: None,
@@ -272,34 +242,19 @@ mod tests {
             left: 0,
         };
         let due = Some((Instant::now() + ms(50), ms(50)));
-        let mut body = Timed::new(never, due, None);
+        let mut body = Timed::new(never, due);
         let e = drain(&mut body).await.unwrap_err();
         assert_eq!(e.to_string(), "no answer within 50ms (--request-timeout)");
         // The error once, then the end.
         assert!(body.is_end_stream());
         assert_eq!(drain(&mut body).await.unwrap(), 0);
 
-        let never = Trickle {
-            every: None,
-            period: ms(0),
-            left: 0,
-        };
-        let e = drain(&mut Timed::new(never, None, Some(ms(50))))
-            .await
-            .unwrap_err();
-        assert_eq!(e.to_string(), "the watch was silent for 50ms");
-
-        // A frame every 20 ms for 300 ms: the 60 ms silence bound never trips.
+        // A watch's body (no deadline): a frame every 20 ms for 300 ms, every one through.
         let talking = Trickle {
             every: Some(Box::pin(tokio::time::sleep(ms(20)))),
             period: ms(20),
             left: 15,
         };
-        assert_eq!(
-            drain(&mut Timed::new(talking, None, Some(ms(60))))
-                .await
-                .unwrap(),
-            15
-        );
+        assert_eq!(drain(&mut Timed::new(talking, None)).await.unwrap(), 15);
     }
 }
