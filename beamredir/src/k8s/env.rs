@@ -146,9 +146,7 @@ pub fn words(container: &Container, vars: &BTreeMap<String, String>) -> Vec<Stri
         .map_while(|a| {
             // The whole command line is bounded too, not only each argument.
             (total <= MAX_EXPANDED_TOTAL).then(|| expand(a, vars)).inspect(|w| total += w.len())
-        })
-        .collect::<Vec<_>>()
-        .into_iter();
+        });
     let flags = ["ERL_AFLAGS", "ERL_FLAGS", "ERL_ZFLAGS"]
         .into_iter()
         .filter_map(|k| vars.get(k).cloned());

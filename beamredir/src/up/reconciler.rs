@@ -106,9 +106,9 @@ impl Reconcilers {
     }
 
     /// Forgets the pods that are gone for good: deleted (the newest observation), that very
-    /// observation reconciled (not an earlier one), and their names no longer held nor their old addresses aliased. Their
-    /// reconciler ends and their table entry goes, so a session that follows a Deployment
-    /// through many rollouts does not keep every pod it ever saw. A pod that comes back under
+    /// observation reconciled (not an earlier one), and their names no longer held nor their
+    /// old addresses aliased. Their reconciler ends and their table entry goes, so a session
+    /// that follows a Deployment through many rollouts does not keep every pod it ever saw. A pod that comes back under
     /// the same name (a StatefulSet's) gets a new reconciler from its next observation. Pods
     /// named on the command line are kept: `status` shows them as deleted. Returns how many went.
     pub fn forget_gone(&self, table: &mut PodTable) -> usize {
@@ -154,6 +154,7 @@ async fn run(
             let Some((number, observation)) = observations.borrow_and_update().clone() else {
                 break;
             };
+            let this = incarnation(&observation);
             let attempt = reconcile(&up, &name, &observation, &bringup);
             tokio::pin!(attempt);
             // A newer observation of another incarnation (or of the pod gone or stopped) drops
@@ -170,8 +171,8 @@ async fn run(
                             return;
                         }
                         newer = true;
-                        let latest = observations.borrow().as_ref().map(|(_, o)| o.clone());
-                        if !same_incarnation(&observation, latest.as_ref()) {
+                        let latest = observations.borrow().as_ref().and_then(|(_, o)| incarnation(o));
+                        if !same_incarnation(&this, &latest) {
                             break None;
                         }
                     }
@@ -220,17 +221,19 @@ async fn run(
     }
 }
 
-/// Whether `newer` is the same running incarnation as `current`, at the same addresses and
-/// with the same ports: then only readiness or metadata changed, which an attempt in flight
-/// need not restart for.
-fn same_incarnation(current: &Observation, newer: Option<&Observation>) -> bool {
-    let (Observation::Present(a), Some(Observation::Present(b))) = (current, newer) else {
-        return false;
-    };
-    match (PodTarget::from_pod(a, None), PodTarget::from_pod(b, None)) {
-        (Ok(a), Ok(b)) => PodTarget { ready: b.ready, ..a } == b,
-        _ => false,
-    }
+/// What identifies the running incarnation an observation shows (uid, addresses, ports),
+/// readiness left out; None when the pod is gone or not running. Two observations with the
+/// same one differ only in readiness or metadata, which an attempt in flight need not restart
+/// for.
+fn incarnation(observation: &Observation) -> Option<PodTarget> {
+    let Observation::Present(pod) = observation else { return None };
+    let target = PodTarget::from_pod(pod, None).ok()?;
+    Some(PodTarget { ready: false, ..target })
+}
+
+/// Whether an attempt for incarnation `this` goes on after an observation of `latest`.
+fn same_incarnation(this: &Option<PodTarget>, latest: &Option<PodTarget>) -> bool {
+    this.is_some() && latest == this
 }
 
 /// Makes the session match one observation of one pod.
@@ -392,17 +395,21 @@ mod tests {
         Observation::Present(Box::new(pod))
     }
 
+    fn same(current: &Observation, newer: Option<&Observation>) -> bool {
+        same_incarnation(&incarnation(current), &newer.and_then(incarnation))
+    }
+
     #[test]
     fn only_a_new_incarnation_or_address_restarts_an_attempt() {
         let now = pod("u1", "10.0.0.5", false);
-        assert!(same_incarnation(&now, Some(&pod("u1", "10.0.0.5", true))), "readiness only");
-        assert!(!same_incarnation(&now, Some(&pod("u2", "10.0.0.5", false))), "a new pod");
-        assert!(!same_incarnation(&now, Some(&pod("u1", "10.0.0.6", false))), "a new address");
-        assert!(!same_incarnation(&now, Some(&Observation::Gone)));
-        assert!(!same_incarnation(&Observation::Gone, Some(&now)));
+        assert!(same(&now, Some(&pod("u1", "10.0.0.5", true))), "readiness only");
+        assert!(!same(&now, Some(&pod("u2", "10.0.0.5", false))), "a new pod");
+        assert!(!same(&now, Some(&pod("u1", "10.0.0.6", false))), "a new address");
+        assert!(!same(&now, Some(&Observation::Gone)));
+        assert!(!same(&Observation::Gone, Some(&now)));
         let Observation::Present(mut stopping) = pod("u1", "10.0.0.5", true) else { unreachable!() };
         stopping.status.as_mut().unwrap().phase = Some("Succeeded".into());
-        assert!(!same_incarnation(&now, Some(&Observation::Present(stopping))), "stopped");
+        assert!(!same(&now, Some(&Observation::Present(stopping))), "stopped");
     }
 
     /// A handle whose reconciler was sent observations 1..=`sent`, the last one `observation`,
