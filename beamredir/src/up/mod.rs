@@ -62,6 +62,14 @@ pub enum PodSource {
     Service(String),
 }
 
+impl PodSource {
+    /// Pods named one by one (`--pod`): each must answer before the session starts, and one
+    /// that is deleted stays listed; the others come and go with their selector.
+    pub fn by_name(&self) -> bool {
+        matches!(self, PodSource::Names(_))
+    }
+}
+
 /// The bounds of a session (issue: hold under load and faults).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Limits {
@@ -294,7 +302,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
     // pods of a selector do not all wait for the slowest: once one is up, a pod whose first
     // attempt is still running when no other pod has settled for STRAGGLER_GRACE no longer
     // holds the session up; it is followed in the background (the banner says "starting").
-    let named = matches!(up.config.source, PodSource::Names(_));
+    let named = up.config.source.by_name();
     let mut pending: futures::stream::FuturesUnordered<_> = attempts
         .into_iter()
         .map(|(name, mut rx)| async move {
@@ -380,7 +388,7 @@ async fn start(root: &Root, config: NetConfig) -> Result<Arc<Up>, String> {
 
 /// Drops expired aliases (and republishes) every few seconds.
 async fn expire_aliases(up: Arc<Up>) {
-    let by_name = matches!(up.config.source, PodSource::Names(_));
+    let by_name = up.config.source.by_name();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;

@@ -16,7 +16,7 @@ use std::{
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::{Semaphore, watch};
 
-use super::{PodSource, Up, carrier::carrier, discover::discover, table::PodTable};
+use super::{Up, carrier::carrier, discover::discover, table::PodTable};
 use crate::{
     forward::registry::FamilyKey,
     k8s::{K8sError, pod::PodTarget},
@@ -244,7 +244,7 @@ async fn reconcile(
     bringup: &Semaphore,
 ) -> Result<(), K8sError> {
     let ns = &up.cluster.namespace;
-    let by_name = matches!(up.config.source, PodSource::Names(_));
+    let by_name = up.config.source.by_name();
     let target = match observation {
         Observation::Gone => {
             take_down(up, name, "deleted".into());
